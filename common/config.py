@@ -1,0 +1,138 @@
+"""The typed run configuration, validated once at the edge.
+
+Flower hands apps a flat ``{kebab-key: value}`` dict; ``RunConfig.from_mapping`` turns
+it into a frozen dataclass or raises ``ConfigError`` naming the key and what it allows.
+The defaults below are the only ones; ``pyproject.toml`` mirrors them because Flower
+requires every run-config key there (a test keeps both equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+AGGREGATIONS = ("fedavg", "ffa-lora")
+ACCOUNTANTS = ("prv", "rdp")
+BUNDLED_DATASETS = ("bank", "hospital")
+
+
+class ConfigError(ValueError):
+    """A run-config key has a value outside what it allows."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
+    """Describe a numeric range for `_check_number`."""
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, with the defaults every run starts from."""
+
+    run_name: str = ""
+    runs_dir: str = "runs"
+    resume: bool = False
+    dataset: str = "bank"
+    text_column: str = ""
+    label_column: str = ""
+    labels: str = ""
+    model: str = "default"
+    num_server_rounds: int = field(default=3, metadata=_range(1, 10_000))
+    local_epochs: int = field(default=1, metadata=_range(1, 1_000))
+    max_examples_per_site: int = field(default=1000, metadata=_range(0, None))
+    max_length: int = field(default=64, metadata=_range(8, 8192))
+    batch_size: int = field(default=64, metadata=_range(1, 65_536))
+    learning_rate: float = field(default=0.005, metadata=_range(0, 10, lo_open=True))
+    dp: bool = True
+    target_epsilon: float = field(default=8.0, metadata=_range(0, 100, lo_open=True))
+    delta: float = field(default=1e-5, metadata=_range(0, 0.1, lo_open=True))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    accountant: str = "prv"
+    lora_r: int = field(default=8, metadata=_range(1, 1024))
+    lora_alpha: int = field(default=16, metadata=_range(1, 65_536))
+    aggregation: str = "fedavg"
+    dirichlet_alpha: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    min_sites: int = field(default=2, metadata=_range(1, None))
+    round_timeout: float = field(default=3600, metadata=_range(0, None, lo_open=True))
+    eval_examples: int = field(default=600, metadata=_range(0, None))
+    seed: int = field(default=42, metadata=_range(0, 2**31 - 1))
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Validate a Flower run config (kebab-case keys) and build the dataclass."""
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {', '.join(unknown)}; allowed keys: {', '.join(sorted(fields))}"
+            )
+        values = {}
+        for key, value in raw.items():
+            f = fields[key]
+            values[f.name] = _coerce(key, value, f)
+        config = cls(**values)
+        config._check_choices()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The kebab-case dict Flower uses, e.g. for a run's saved configuration."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def _check_choices(self) -> None:
+        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        _check_choice("accountant", self.accountant, ACCOUNTANTS)
+        if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.run_name):
+            raise ConfigError(
+                f"run-name={self.run_name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if self.dataset not in BUNDLED_DATASETS and not self.dataset:
+            raise ConfigError(f"dataset is empty: use one of {', '.join(BUNDLED_DATASETS)} or a file path")
+        if self.dataset not in BUNDLED_DATASETS and not (self.text_column and self.label_column):
+            raise ConfigError(
+                f"dataset={self.dataset!r} is a file, so text-column and label-column must be set"
+            )
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {', '.join(allowed)}")
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Check one value's type (ints may stand for floats) and numeric range."""
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} must be a number ({kind.__name__})")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{key}={value!r} must be a whole number")
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+    _check_number(key, value, **f.metadata)
+    return value
+
+
+def _check_number(key, value, lo, hi, lo_open, hi_open) -> None:
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ConfigError(f"{key}={value!r} is out of range; allowed range: {span}")
