@@ -16,7 +16,7 @@ WORDS = (
 ).split()
 
 
-def write_tiny_model(path):
+def write_tiny_model(path, dropout=0.1):
     """Write a 2-layer, 32-wide BERT and a word-level BERT tokenizer into `path`."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -31,6 +31,8 @@ def write_tiny_model(path):
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     import torch
 
@@ -43,3 +45,9 @@ def write_tiny_model(path):
 def tiny_model_dir(tmp_path_factory):
     """A directory with a tiny BERT checkpoint and its tokenizer."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_no_dropout(tmp_path_factory):
+    """The tiny BERT without dropout, for tests that compare two training runs step by step."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)

