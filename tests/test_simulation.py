@@ -1,0 +1,82 @@
+"""A real 2-site, 2-round federation through Flower's simulation engine, with the tiny model."""
+
+import json
+import random
+
+import pytest
+from opacus.accountants import create_accountant
+from peft import PeftModel
+
+from common.model import build_base_model
+from server.simulate import simulate
+
+LABELS = ["card", "loan", "mortgage"]
+WORDS = {"card": "card fee charge fraud", "loan": "loan student debt interest", "mortgage": "mortgage payment late"}
+
+
+def write_site_data(path, n=120, seed=0):
+    rng = random.Random(seed)
+    rows = ["text,product"]
+    for _ in range(n):
+        label = rng.choice(LABELS)
+        words = WORDS[label].split() + "the my bank account was not".split()
+        rows.append(" ".join(rng.choice(words) for _ in range(8)) + f",{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sim")
+    data = write_site_data(tmp / "sites.csv")
+    overrides = {
+        "dataset": str(data), "text-column": "text", "label-column": "product", "model": str(tiny_model_dir),
+        "num-server-rounds": 2, "runs-dir": str(tmp / "runs"), "run-name": "tiny", "batch-size": 8,
+        "max-length": 16, "max-examples-per-site": 0, "target-epsilon": 4.0, "learning-rate": 0.02,
+    }
+    simulate(2, overrides, cpus_per_site=1)
+    return tmp / "runs" / "tiny", tiny_model_dir
+
+
+def test_metrics_log_has_one_row_per_round_with_every_site(finished_run):
+    run, _ = finished_run
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2]
+    for row in rows:
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
+        assert {site["site"] for site in row["sites"]} == {"site-0", "site-1"}
+        for site in row["sites"]:
+            assert site["examples"] > 0 and site["loss"] > 0
+            assert 0.0 <= site["accuracy"] <= 1.0 and 0.0 <= site["macro_f1"] <= 1.0
+            assert 0 < site["epsilon"] <= 4.0
+
+
+def test_round_and_final_adapters_load_with_peft(finished_run):
+    run, model_dir = finished_run
+    for name in ("round-1", "round-2", "final"):
+        info = json.loads((run / name / "privet.json").read_text())
+        assert info["labels"] == LABELS
+        model = PeftModel.from_pretrained(build_base_model(str(model_dir), len(LABELS), seed=42), run / name)
+        assert any("lora_B" in n for n, _ in model.named_parameters())
+
+
+def test_each_site_ledger_recomputes_to_the_reported_epsilon(finished_run):
+    run, _ = finished_run
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for site in last["sites"]:
+        ledger = json.loads((run / "sites" / site["site"] / "ledger.json").read_text())
+        accountant = create_accountant(mechanism=ledger["accountant"])
+        accountant.history = [tuple(entry) for entry in ledger["history"]]
+        recomputed = accountant.get_epsilon(delta=ledger["delta"])
+        assert recomputed == pytest.approx(site["epsilon"], rel=1e-9)
+        assert [r["round"] for r in ledger["rounds"]] == [1, 2]
+        # Calibrated for the whole run: the last round lands at (not far under) the target.
+        assert 4.0 - 0.05 <= recomputed <= 4.0
+
+
+def test_no_raw_text_or_labels_in_the_run_directory(finished_run):
+    run, _ = finished_run
+    data = (run.parent.parent / "sites.csv").read_text().splitlines()[1:]
+    texts = {line.rsplit(",", 1)[0] for line in data}
+    logged = "".join(p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl"})
+    assert not any(text in logged for text in texts)
