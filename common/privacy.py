@@ -22,6 +22,10 @@ from common.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
+# Both are known and stated in every report; repeating them every round only buries real warnings.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 LEDGER_FORMAT = "privet-ledger/1"
 NOISE_RNG_NOTE = (
     "DP noise comes from PyTorch's default (non-cryptographic) random number generator: "
