@@ -7,7 +7,9 @@ and every simulated site gets ``partition-id``/``num-partitions`` as Flower give
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,8 +20,9 @@ for _key, _value in (
 ):
     os.environ.setdefault(_key, _value)
 
+import click
 from flwr.app import Context, RecordDict
-from flwr.common.config import get_fused_config_from_dir, get_project_config
+from flwr.common.config import get_fused_config_from_dir, get_project_config, parse_config_args
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -27,7 +30,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -44,8 +47,9 @@ def simulate(
     if num_sites < 1:
         raise ValueError(f"sites={num_sites} must be at least 1")
     app_dir = Path(app_dir).resolve()
+    RunConfig.from_mapping(dict(overrides or {}))  # name a bad key or value before Ray starts
     run_config = get_fused_config_from_dir(app_dir, dict(overrides or {}))
-    config = RunConfig.from_mapping(run_config)  # fail here, before Ray starts, on a bad key or value
+    config = RunConfig.from_mapping(run_config)
     if config.min_sites > num_sites:
         raise ValueError(f"min-sites={config.min_sites} is more than the {num_sites} simulated sites")
     components = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]
@@ -76,3 +80,33 @@ def simulate(
         verbose_logging=verbose,
         exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``privet simulate`` (also ``python -m server.simulate``)."""
+    parser.add_argument("--sites", type=int, default=4, help="number of simulated sites (default 4)")
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help="overrides in Flower's format, e.g. \"num-server-rounds=5 run-name='trial' dp=true\"",
+    )
+    parser.add_argument("--cpus-per-site", type=float, default=None, help="CPU cores per site (default: all)")
+    parser.add_argument("--verbose", action="store_true", help="Flower's debug logging")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Parse the overrides and simulate; a bad option ends with a one-line error, not a traceback."""
+    try:
+        overrides = parse_config_args([args.run_config]) if args.run_config.strip() else {}
+        simulate(args.sites, overrides, cpus_per_site=args.cpus_per_site, verbose=args.verbose)
+    except (ConfigError, ValueError, click.ClickException) as err:
+        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
+        print(f"privet simulate: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m server.simulate", description=__doc__)
+    add_arguments(_parser)
+    sys.exit(run_from_args(_parser.parse_args()))
