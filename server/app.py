@@ -61,14 +61,16 @@ def main(grid: Grid, context: Context) -> None:
         "frozen-a": adapters.frozen_fingerprint(model),
     }
 
+    known: dict[int, str] = {}  # node id -> site id, learnt from replies, to name sites that fall silent
     for server_round in range(last_round + 1, config.num_server_rounds + 1):
         started = time.time()
         log.info("[Privet round %d/%d]", server_round, config.num_server_rounds)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(message_config), grid),
-            timeout=config.round_timeout,
+        replies = _exchange(
+            grid, strategy.configure_train(server_round, arrays, ConfigRecord(message_config), grid), config, known
         )
         trained = screen(replies, spec=spec, required_metrics=TRAIN_METRICS, global_arrays=arrays)
+        trained.rejected.update(replies.silent)
+        known.update(trained.sites)
         if len(trained.accepted) >= config.min_sites:
             arrays, _ = strategy.aggregate_train(server_round, trained.accepted)
             adapters.load_state(model, adapters.from_record(arrays, spec))
@@ -77,11 +79,11 @@ def main(grid: Grid, context: Context) -> None:
                 "round %d: only %d usable update(s), fewer than min-sites=%d; the global adapter is unchanged",
                 server_round, len(trained.accepted), config.min_sites,
             )
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(message_config), grid),
-            timeout=config.round_timeout,
+        replies = _exchange(
+            grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(message_config), grid), config, known
         )
         evaluated = screen(replies, spec=None, required_metrics=EVAL_METRICS)
+        evaluated.rejected.update(replies.silent)
         central = _evaluate(model, test_set, len(names), device) if test_set is not None else None
         row = round_row(server_round, trained, evaluated, central, time.time() - started)
         run.save_adapter(model, server_round, info)
@@ -104,6 +106,28 @@ def main(grid: Grid, context: Context) -> None:
         log.info("final adapter on the full test split (%d examples): %s", len(full_test), final)
     log.info("final adapter saved to %s", final_dir)
     print_summary(run.read_metrics(), run.path)
+
+
+class _Replies(list):
+    """Replies, plus the sites that were asked but did not answer in time (site -> reason)."""
+
+    silent: dict[str, str]
+
+
+def _exchange(grid: Grid, messages, config: RunConfig, known: dict[int, str]) -> _Replies:
+    """Send and wait up to round-timeout; note every asked node that gave no reply."""
+    messages = list(messages)
+    replies = _Replies(grid.send_and_receive(messages, timeout=config.round_timeout))
+    answered = {msg.metadata.src_node_id for msg in replies}
+    reason = f"no reply within round-timeout={config.round_timeout:g}s"
+    replies.silent = {
+        known.get(msg.metadata.dst_node_id, f"node-{msg.metadata.dst_node_id}"): reason
+        for msg in messages
+        if msg.metadata.dst_node_id not in answered
+    }
+    for site in replies.silent:
+        log.warning("%s: %s", site, reason)
+    return replies
 
 
 def _evaluate(model, test_set, num_labels: int, device) -> dict[str, float]:

@@ -42,8 +42,12 @@ def simulate(
     app_dir: str | Path = PROJECT_DIR,
     cpus_per_site: float | None = None,
     verbose: bool = False,
+    client_app: str | None = None,
 ) -> None:
-    """Simulate `num_sites` sites training together; raises if the ServerApp fails."""
+    """Simulate `num_sites` sites training together; raises if the ServerApp fails.
+
+    `client_app` replaces the ClientApp named in pyproject.toml (tests use it to simulate failing sites).
+    """
     if num_sites < 1:
         raise ValueError(f"sites={num_sites} must be at least 1")
     app_dir = Path(app_dir).resolve()
@@ -66,7 +70,7 @@ def simulate(
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     _run_simulation(
         server_app_attr=components["serverapp"],
-        client_app_attr=components["clientapp"],
+        client_app_attr=client_app or components["clientapp"],
         num_supernodes=num_sites,
         backend_name="ray",
         backend_config={

@@ -80,3 +80,19 @@ def test_no_raw_text_or_labels_in_the_run_directory(finished_run):
     texts = {line.rsplit(",", 1)[0] for line in data}
     logged = "".join(p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl"})
     assert not any(text in logged for text in texts)
+
+
+def test_round_completes_without_a_site_that_crashes_every_other_round(tiny_model_dir, tmp_path):
+    data = write_site_data(tmp_path / "sites.csv")
+    overrides = {
+        "dataset": str(data), "text-column": "text", "label-column": "product", "model": str(tiny_model_dir),
+        "num-server-rounds": 3, "runs-dir": str(tmp_path / "runs"), "run-name": "flaky", "batch-size": 8,
+        "max-length": 16, "max-examples-per-site": 0, "min-sites": 2,
+    }
+    simulate(3, overrides, cpus_per_site=1, client_app="tests.flaky_client:app")
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "flaky" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert [row["aggregated_sites"] for row in rows] == [3, 2, 3]
+    crashed = {s["site"]: s for s in rows[1]["sites"]}
+    failed = [s for s in crashed.values() if s["status"] == "rejected"]
+    assert len(failed) == 1 and failed[0]["reason"]
