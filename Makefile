@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/privet simulate --sites 4 --run-config run-name=bank-demo $(ARGS)
+	$(VENV)/bin/privet simulate --sites 4 $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)

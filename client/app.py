@@ -112,6 +112,7 @@ def _train(ctx: _Context) -> RecordDict:
         device=pick_device(),
         expected_steps=steps if dp else None,
         progress=f"{terms.site_id} round {ctx.server_round}",
+        proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
     )
     metrics = {"num-examples": result.examples, "loss": result.loss, "steps": result.steps}
     if config.dp:

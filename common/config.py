@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-AGGREGATIONS = ("fedavg", "ffa-lora")
+AGGREGATIONS = ("fedavg", "ffa-lora", "fedprox", "fedadam", "trimmed-mean", "median", "krum")
+# These need every site's individual update, which secure aggregation hides from the server.
+NEEDS_INDIVIDUAL_UPDATES = ("trimmed-mean", "median", "krum")
 ACCOUNTANTS = ("prv", "rdp")
 BUNDLED_DATASETS = ("bank", "hospital")
 
@@ -55,6 +57,12 @@ class RunConfig:
     lora_r: int = field(default=8, metadata=_range(1, 1024))
     lora_alpha: int = field(default=16, metadata=_range(1, 65_536))
     aggregation: str = "fedavg"
+    proximal_mu: float = field(default=0.01, metadata=_range(0, None))
+    server_learning_rate: float = field(default=0.01, metadata=_range(0, 10, lo_open=True))
+    trim_fraction: float = field(default=0.2, metadata=_range(0, 0.5, hi_open=True))
+    krum_byzantine: int = field(default=1, metadata=_range(0, 1_000))
+    max_update_norm: float = field(default=0.0, metadata=_range(0, None))
+    secure_aggregation: bool = False
     dirichlet_alpha: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
     min_sites: int = field(default=2, metadata=_range(1, None))
     round_timeout: float = field(default=3600, metadata=_range(0, None, lo_open=True))
@@ -85,6 +93,7 @@ class RunConfig:
     def _check_choices(self) -> None:
         _check_choice("aggregation", self.aggregation, AGGREGATIONS)
         _check_choice("accountant", self.accountant, ACCOUNTANTS)
+        self._check_aggregation()
         if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.run_name):
             raise ConfigError(
                 f"run-name={self.run_name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
@@ -95,6 +104,30 @@ class RunConfig:
         if self.dataset not in BUNDLED_DATASETS and not (self.text_column and self.label_column):
             raise ConfigError(
                 f"dataset={self.dataset!r} is a file, so text-column and label-column must be set"
+            )
+
+    def _check_aggregation(self) -> None:
+        if self.secure_aggregation and self.aggregation in NEEDS_INDIVIDUAL_UPDATES:
+            raise ConfigError(
+                f"aggregation={self.aggregation!r} cannot run with secure-aggregation=true: it needs each site's "
+                "update, and secure aggregation shows the server only their sum; use one of "
+                + ", ".join(a for a in AGGREGATIONS if a not in NEEDS_INDIVIDUAL_UPDATES)
+            )
+        if self.secure_aggregation and self.max_update_norm > 0:
+            raise ConfigError(
+                "max-update-norm cannot be enforced with secure-aggregation=true: the server never sees a single "
+                "site's update; set max-update-norm=0"
+            )
+        if self.aggregation == "fedprox" and self.learning_rate * self.proximal_mu >= 1:
+            # The proximal step moves weights by learning-rate × proximal-mu of their distance to the anchor.
+            raise ConfigError(
+                f"proximal-mu={self.proximal_mu} with learning-rate={self.learning_rate} overshoots the global "
+                "weights: learning-rate × proximal-mu must be below 1"
+            )
+        if self.aggregation == "krum" and self.min_sites < 2 * self.krum_byzantine + 3:
+            raise ConfigError(
+                f"krum-byzantine={self.krum_byzantine} needs min-sites >= {2 * self.krum_byzantine + 3} "
+                f"(Krum tolerates f bad sites only among at least 2f+3), but min-sites={self.min_sites}"
             )
 
 

@@ -56,16 +56,19 @@ def train_round(
     device: torch.device | str = "cpu",
     expected_steps: int | None = None,
     progress: str | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train the model's trainable parameters in place for `epochs` passes over `data`.
 
     With `dp`, Opacus samples each batch by Poisson sampling and clips and noises per-example
     gradients; `expected_steps` (the steps the ledger already recorded) must match what Opacus runs.
+    With `proximal_mu` > 0 (FedProx), every step also pulls the weights toward those the round started from.
     """
     generator = torch.Generator().manual_seed(seed)
     dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     model.train()
     runner = model
@@ -89,6 +92,8 @@ def train_round(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if anchor is not None:
+                    _proximal_step(params, anchor, learning_rate * proximal_mu)
                 losses.append(loss.item())
                 bar.update(1)
         bar.close()
@@ -97,6 +102,17 @@ def train_round(
             privacy.release(runner)
     model.eval()
     return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"), steps=len(losses), examples=len(data))
+
+
+@torch.no_grad()
+def _proximal_step(params: list[nn.Parameter], anchor: list[torch.Tensor], rate: float) -> None:
+    """FedProx's pull w <- w - rate·(w - w_global), applied after the optimizer step.
+
+    Opacus computes per-example gradients from the data loss only, so a proximal term added to
+    the loss would be silently dropped; this data-independent step is post-processing and costs no ε.
+    """
+    for param, start in zip(params, anchor):
+        param.sub_(param - start, alpha=rate)
 
 
 @torch.no_grad()

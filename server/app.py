@@ -68,7 +68,10 @@ def main(grid: Grid, context: Context) -> None:
         replies = _exchange(
             grid, strategy.configure_train(server_round, arrays, ConfigRecord(message_config), grid), config, known
         )
-        trained = screen(replies, spec=spec, required_metrics=TRAIN_METRICS, global_arrays=arrays)
+        trained = screen(
+            replies, spec=spec, required_metrics=TRAIN_METRICS, global_arrays=arrays,
+            max_update_norm=config.max_update_norm,
+        )
         trained.rejected.update(replies.silent)
         known.update(trained.sites)
         if len(trained.accepted) >= config.min_sites:

@@ -8,8 +8,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message import make_message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from common import adapters
 from common.config import RunConfig
@@ -18,12 +20,76 @@ log = logging.getLogger("privet.server")
 
 TRAIN_METRICS = ("num-examples", "loss", "steps")
 EVAL_METRICS = ("num-examples", "loss", "accuracy", "macro_f1")
+MAX_TEXT = 300
 
 
-def make_strategy(config: RunConfig) -> Strategy:
-    """The aggregator the run asks for; FFA-LoRA is plain FedAvg over B alone, which makes it exact."""
+def make_strategy(config: RunConfig) -> Aggregator:
+    """The aggregator the run asks for, built on Flower's own strategies; FFA-LoRA is FedAvg over B, which is exact."""
     n = config.min_sites
-    return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+    nodes = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": n, "min_evaluate_nodes": n,
+             "min_available_nodes": n}
+    builders = {
+        "fedavg": lambda: FedAvg(**nodes),
+        "ffa-lora": lambda: FedAvg(**nodes),
+        "fedprox": lambda: FedProx(**nodes, proximal_mu=config.proximal_mu),
+        # FedAdam keeps the round's global arrays from configure_train and its moments across rounds
+        # in memory only: a resumed run restarts them from zero.
+        "fedadam": lambda: FedAdam(**nodes, eta=config.server_learning_rate),
+        "trimmed-mean": lambda: FedTrimmedAvg(**nodes, beta=config.trim_fraction),
+        "median": lambda: FedMedian(**nodes),
+        "krum": lambda: Krum(**nodes, num_malicious_nodes=config.krum_byzantine),
+    }
+    return Aggregator(builders[config.aggregation]())
+
+
+class Aggregator(Strategy):
+    """A Flower strategy that aggregates private copies of screened replies and returns an fp32 adapter.
+
+    Copies, because FedMedian and FedTrimmedAvg pop the arrays out of the replies they read and
+    every Flower strategy aborts the round when sites' metric keys differ; fp32, because FedAdam
+    returns float64, which the wire format (and every site) refuses.
+    """
+
+    def __init__(self, inner: FedAvg):
+        self.inner = inner
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        copies = [_aggregation_copy(msg) for msg in replies]
+        if isinstance(self.inner, FedTrimmedAvg) and int(self.inner.beta * len(copies)) == 0:
+            log.warning(
+                "trimmed-mean: trim-fraction %s of %d site(s) trims none; this round is a plain unweighted mean",
+                self.inner.beta, len(copies),
+            )
+        arrays, metrics = self.inner.aggregate_train(server_round, copies)
+        if arrays is not None:
+            arrays = ArrayRecord({k: Array(v.numpy().astype(adapters.WIRE_DTYPE)) for k, v in arrays.items()})
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+
+def _aggregation_copy(msg: Message) -> Message:
+    """A screened training reply reduced to its adapter and the metrics every site sends, sharing the tensors."""
+    if msg.has_error():
+        return msg
+    metrics = msg.content["metrics"]
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(dict(msg.content["arrays"].items())),
+            "metrics": MetricRecord({key: metrics[key] for key in TRAIN_METRICS}),
+        }
+    )
+    return make_message(msg.metadata, content)
 
 
 @dataclass
@@ -37,10 +103,19 @@ class Screened:
 
 
 def site_of(msg: Message) -> str:
-    """The site id a reply names, or its node id when it names none."""
-    if not msg.has_error() and "site" in msg.content:
-        return str(msg.content["site"]["site-id"])
+    """The site id a reply names, or its node id when it names none (or an unprintable one)."""
+    site = None
+    if not msg.has_error() and "site" in msg.content.config_records:
+        site = msg.content["site"].get("site-id")
+    if isinstance(site, str) and 0 < len(site) <= 100 and site.isprintable():
+        return site
     return f"node-{msg.metadata.src_node_id}"
+
+
+def _text(value) -> str:
+    """A site-supplied string made safe for one log line and the report."""
+    text = "".join(c if c.isprintable() else " " for c in str(value))
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "..."
 
 
 def screen(
@@ -57,9 +132,9 @@ def screen(
         site = site_of(msg)
         result.sites[msg.metadata.src_node_id] = site
         if msg.has_error():
-            result.rejected[site] = f"error reply: {msg.error.reason}"
+            result.rejected[site] = f"error reply: {_text(msg.error.reason)}"
         elif "decline" in msg.content:
-            result.declined[site] = str(msg.content["decline"]["reason"])
+            result.declined[site] = _text(msg.content["decline"].get("reason", "no reason given"))
         else:
             problem = _problem(msg, spec, required_metrics, global_arrays, max_update_norm)
             if problem:
@@ -75,22 +150,22 @@ def screen(
 
 def _problem(msg, spec, required_metrics, global_arrays, max_update_norm) -> str | None:
     content = msg.content
-    if len(content.metric_records) != 1 or "metrics" not in content:
+    if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
         return "reply has no single 'metrics' record"
     metrics = content["metrics"]
     missing = [key for key in required_metrics if key not in metrics]
     if missing:
         return f"metrics lack {', '.join(missing)}"
-    for key in required_metrics:
-        value = metrics[key]
-        if isinstance(value, list) or not math.isfinite(float(value)):
-            return f"metric {key} is not a finite number"
+    # All of them, not just the required ones: the report reads optional metrics such as epsilon.
+    for key, value in metrics.items():
+        if isinstance(value, list) or not math.isfinite(value):
+            return f"metric {_text(key)} is not a finite number"
     examples = metrics["num-examples"]
     if not float(examples).is_integer() or examples < 1:
         return "num-examples must be a positive whole number"
     if spec is None:
         return None
-    if len(content.array_records) != 1 or "arrays" not in content:
+    if len(content.array_records) != 1 or "arrays" not in content.array_records:
         return "reply has no single 'arrays' record"
     try:
         adapters.check_record(content["arrays"], spec)
