@@ -1,6 +1,7 @@
-"""Render a run's ``report.html`` in headless Chromium and save a screenshot: ``python bench/screenshot_report.py RUN_DIR OUT.png``.
+"""Render a run's ``report.html`` in headless Chromium and save a PNG screenshot of it.
 
-Writes the report first if the run directory has none. Chromium runs offline with a fresh profile.
+Usage: ``python bench/screenshot_report.py RUN_DIR OUT.png``. Writes the report first if the run
+directory has none; Chromium runs with a fresh profile and its background networking off.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def screenshot(run_dir: Path, out: Path, width: int = 1200, height: int = 4000, timeout: float = 120) -> Path:
-    """Save a `width`×`height` screenshot of the run's report to `out`; raise RuntimeError if Chromium fails."""
+    """Save a `width`×`height` screenshot of the run's report to `out`; RuntimeError if Chromium fails."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise RuntimeError("chromium is not on PATH (Debian: apt-get install chromium)")
@@ -30,7 +31,8 @@ def screenshot(run_dir: Path, out: Path, width: int = 1200, height: int = 4000, 
     with tempfile.TemporaryDirectory(prefix="privet-chromium-") as profile:
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out}", f"--window-size={width},{height}"]
+                 "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out}",
+                 f"--window-size={width},{height}"]
         done = subprocess.run([chromium, *flags, report.as_uri()], capture_output=True, text=True, timeout=timeout)
     if not out.exists():
         raise RuntimeError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}")

@@ -50,13 +50,16 @@ class _Context:
         if self.terms.policy is None:
             partition = (int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))
         self.partition = partition
+
+    def prepare(self, msg: Message) -> None:
+        """Check the site's policy, then load the global adapter into this process' shared model."""
         check_policy(self.terms, self.config, self.server_round)
         config = self.config
         self.model = shared_model(
             config.model, len(label_names(config)), config.lora_r, config.lora_alpha,
             config.aggregation == "ffa-lora", config.seed,
         )
-        expected_a = str(server.get("frozen-a", ""))
+        expected_a = str(msg.content["config"].get("frozen-a", ""))
         if expected_a and expected_a != adapters.frozen_fingerprint(self.model):
             raise Declined("this site's frozen LoRA A differs from the server's; check model, lora-r and seed")
         adapters.load_state(self.model, adapters.from_record(msg.content["arrays"], adapters.expected_spec(self.model)))
@@ -68,6 +71,7 @@ def _reply(msg: Message, handler, context: Context) -> Message:
     try:
         ctx = _Context(msg, context)
         site = ctx.terms.site_id
+        ctx.prepare(msg)
         return Message(handler(ctx), reply_to=msg)
     except (Declined, PolicyError, ConfigError, ModelError, privacy.PrivacyError, adapters.UpdateError) as err:
         reason = str(err)
@@ -79,7 +83,8 @@ def _reply(msg: Message, handler, context: Context) -> Message:
     except Exception:
         log.exception("%s failed", site)
         reason = f"{site} failed with an internal error (details in the site's log)"
-    return Message(RecordDict({"decline": ConfigRecord({"reason": reason, "site-id": site})}), reply_to=msg)
+    content = RecordDict({"decline": ConfigRecord({"reason": reason}), "site": ConfigRecord({"site-id": site})})
+    return Message(content, reply_to=msg)
 
 
 def _train(ctx: _Context) -> RecordDict:

@@ -63,6 +63,9 @@ class RunConfig:
     krum_byzantine: int = field(default=1, metadata=_range(0, 1_000))
     max_update_norm: float = field(default=0.0, metadata=_range(0, None))
     secure_aggregation: bool = False
+    central_dp: bool = False
+    central_noise_multiplier: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    central_clipping_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
     dirichlet_alpha: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
     min_sites: int = field(default=2, metadata=_range(1, None))
     round_timeout: float = field(default=3600, metadata=_range(0, None, lo_open=True))
@@ -117,6 +120,11 @@ class RunConfig:
             raise ConfigError(
                 "max-update-norm cannot be enforced with secure-aggregation=true: the server never sees a single "
                 "site's update; set max-update-norm=0"
+            )
+        if self.central_dp and (self.secure_aggregation or self.aggregation not in ("fedavg", "ffa-lora")):
+            raise ConfigError(
+                "central-dp=true clips each site's update at the server and averages them uniformly: it needs "
+                "aggregation fedavg or ffa-lora and secure-aggregation=false"
             )
         if self.aggregation == "fedprox" and self.learning_rate * self.proximal_mu >= 1:
             # The proximal step moves weights by learning-rate × proximal-mu of their distance to the anchor.

@@ -52,7 +52,7 @@ def parse_san(value: str) -> x509.GeneralName:
 
 
 def generate_ca(common_name: str = "Privet deployment CA", days: int = 3650):
-    """Return (private key, self-signed certificate) of a new CA that may sign server certificates only (path length 0)."""
+    """Return (private key, self-signed certificate) of a new CA that signs end-entity certificates but no further CAs."""
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()

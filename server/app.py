@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from common.model import build_model, pick_device, weights_sha256
 from common.train import predict
 from server.checkpoint import RunDir, default_run_name
 from server.report import print_summary, round_row
+from server.run_report import write_report
 from server.strategy import EVAL_METRICS, TRAIN_METRICS, make_strategy, screen
 
 log = logging.getLogger("flwr.privet")
@@ -54,7 +56,8 @@ def main(grid: Grid, context: Context) -> None:
     spec = adapters.expected_spec(model)
     arrays = adapters.to_record(adapters.trainable_state(model))
     test_set = task.central_test_set(config, limit=config.eval_examples or None)
-    strategy = make_strategy(config)
+    central_file = run.path / "central_dp.json"
+    strategy = make_strategy(config, json.loads(central_file.read_text()) if last_round and central_file.exists() else None)
     message_config = {
         "run-name": run.name,
         "runs-dir": str(run.path.parent),
@@ -89,6 +92,10 @@ def main(grid: Grid, context: Context) -> None:
         evaluated.rejected.update(replies.silent)
         central = _evaluate(model, test_set, len(names), device) if test_set is not None else None
         row = round_row(server_round, trained, evaluated, central, time.time() - started)
+        central_privacy = strategy.central_privacy()
+        if central_privacy is not None:
+            write_json_atomic(central_file, central_privacy.pop("state"))
+            row["central_dp"] = central_privacy
         run.save_adapter(model, server_round, info)
         run.append_metrics(row)
         run.finish_round(server_round)
@@ -109,6 +116,7 @@ def main(grid: Grid, context: Context) -> None:
         log.info("final adapter on the full test split (%d examples): %s", len(full_test), final)
     log.info("final adapter saved to %s", final_dir)
     print_summary(run.read_metrics(), run.path)
+    log.info("run report: %s (and %s)", *write_report(run.path))
 
 
 class _Replies(list):

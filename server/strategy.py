@@ -11,7 +11,18 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message import make_message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common import adapters
 from common.config import RunConfig
@@ -23,9 +34,14 @@ EVAL_METRICS = ("num-examples", "loss", "accuracy", "macro_f1")
 MAX_TEXT = 300
 
 
-def make_strategy(config: RunConfig) -> Aggregator:
-    """The aggregator the run asks for, built on Flower's own strategies; FFA-LoRA is FedAvg over B, which is exact."""
+def make_strategy(config: RunConfig, central_state: dict | None = None) -> Aggregator:
+    """The aggregator the run asks for, built on Flower's own strategies; FFA-LoRA is FedAvg over B, which is exact.
+
+    With central DP, `central_state` is the saved accountant state of an earlier part of this run.
+    """
     n = config.min_sites
+    if config.central_dp:
+        return _central_dp(config, central_state)
     nodes = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": n, "min_evaluate_nodes": n,
              "min_available_nodes": n}
     builders = {
@@ -42,6 +58,29 @@ def make_strategy(config: RunConfig) -> Aggregator:
     return Aggregator(builders[config.aggregation]())
 
 
+def _central_dp(config: RunConfig, state: dict | None) -> Aggregator:
+    """Flower's server-side clipping DP wrapper: each round exactly min-sites sites, clipped, averaged with equal
+    weights and noised, and accounted for user-level (site-level) ε by Flower's RDP accountant."""
+    n = config.min_sites
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=config.delta,
+            population_size=n,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    if state:
+        accountant.load_state_dict(state)
+    # A vanishing fraction makes FedAvg sample exactly min_train_nodes, the fixed sample the accountant needs.
+    fedavg = FedAvg(fraction_train=1e-9, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n,
+                    min_available_nodes=n)
+    wrapped = DifferentialPrivacyServerSideFixedClipping(
+        fedavg, config.central_noise_multiplier, config.central_clipping_norm, n, accountant=accountant
+    )
+    return Aggregator(wrapped, uniform_weights=True)
+
+
 class Aggregator(Strategy):
     """A Flower strategy that aggregates private copies of screened replies and returns an fp32 adapter.
 
@@ -50,14 +89,24 @@ class Aggregator(Strategy):
     returns float64, which the wire format (and every site) refuses.
     """
 
-    def __init__(self, inner: FedAvg):
+    def __init__(self, inner: Strategy, uniform_weights: bool = False):
         self.inner = inner
+        self.uniform_weights = uniform_weights
+
+    def central_privacy(self) -> dict | None:
+        """Site-level ε and δ spent so far under central DP, and the accountant state to save; None without it."""
+        accountant = getattr(self.inner, "accountant", None)
+        if accountant is None:
+            return None
+        spent = accountant.get_privacy_spent()
+        return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases,
+                "state": accountant.state_dict()}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        copies = [_aggregation_copy(msg) for msg in replies]
+        copies = [_aggregation_copy(msg, self.uniform_weights) for msg in replies]
         if isinstance(self.inner, FedTrimmedAvg) and int(self.inner.beta * len(copies)) == 0:
             log.warning(
                 "trimmed-mean: trim-fraction %s of %d site(s) trims none; this round is a plain unweighted mean",
@@ -78,17 +127,17 @@ class Aggregator(Strategy):
         self.inner.summary()
 
 
-def _aggregation_copy(msg: Message) -> Message:
-    """A screened training reply reduced to its adapter and the metrics every site sends, sharing the tensors."""
+def _aggregation_copy(msg: Message, uniform_weights: bool = False) -> Message:
+    """A screened training reply reduced to its adapter and the metrics every site sends, sharing the tensors.
+
+    With `uniform_weights` every site counts once (central DP's sensitivity assumes it).
+    """
     if msg.has_error():
         return msg
-    metrics = msg.content["metrics"]
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(dict(msg.content["arrays"].items())),
-            "metrics": MetricRecord({key: metrics[key] for key in TRAIN_METRICS}),
-        }
-    )
+    metrics = {key: msg.content["metrics"][key] for key in TRAIN_METRICS}
+    if uniform_weights:
+        metrics["num-examples"] = 1
+    content = RecordDict({"arrays": ArrayRecord(dict(msg.content["arrays"].items())), "metrics": MetricRecord(metrics)})
     return make_message(msg.metadata, content)
 
 

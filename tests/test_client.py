@@ -71,6 +71,7 @@ def test_server_cannot_raise_the_cap_or_bring_an_unlisted_model(site, tiny_model
     policy = write_policy(tmp_path, data, ["0" * 64])
     reply = train(message(overrides, tiny_model_dir), context(overrides, policy))
     assert "does not allow model" in reply.content["decline"]["reason"]
+    assert reply.content["site"]["site-id"] == "clinic-a"  # the server can name who declined
     assert not (tmp_path / "state" / "ledger.json").exists()
 
 

@@ -96,3 +96,23 @@ def test_round_completes_without_a_site_that_crashes_every_other_round(tiny_mode
     crashed = {s["site"]: s for s in rows[1]["sites"]}
     failed = [s for s in crashed.values() if s["status"] == "rejected"]
     assert len(failed) == 1 and failed[0]["reason"]
+
+
+def test_central_dp_accounts_site_level_epsilon_and_keeps_the_run_going(tiny_model_dir, tmp_path):
+    data = write_site_data(tmp_path / "sites.csv")
+    overrides = {
+        "dataset": str(data), "text-column": "text", "label-column": "product", "model": str(tiny_model_dir),
+        "num-server-rounds": 2, "runs-dir": str(tmp_path / "runs"), "run-name": "central", "batch-size": 8,
+        "max-length": 16, "max-examples-per-site": 0, "central-dp": True, "central-noise-multiplier": 2.0,
+    }
+    simulate(2, overrides, cpus_per_site=1)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "central" / "metrics.jsonl").read_text().splitlines()]
+    epsilons = [row["central_dp"]["epsilon"] for row in rows]
+    assert [row["central_dp"]["releases"] for row in rows] == [1, 2]
+    assert 0 < epsilons[0] < epsilons[1]
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    accountant = RdpAccountant(PrivacyConfig(1e-5, 2, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION))
+    accountant.load_state_dict(json.loads((tmp_path / "runs" / "central" / "central_dp.json").read_text()))
+    assert accountant.get_privacy_spent().epsilon == pytest.approx(epsilons[-1])

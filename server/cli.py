@@ -1,0 +1,151 @@
+"""The `privet` command. Each subcommand is one `_add_<name>(subparsers)` function that registers its parser and handler."""
+
+import os
+
+# A hospital's server must not call home or pull code: set before anything imports flwr.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+class CommandError(Exception):
+    """An error the user can fix; `main` prints its message (no traceback) and exits with status 1."""
+
+
+def _add_certs(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "certs",
+        help="create a CA and the SuperLink's TLS certificate",
+        description="Create a private CA (ca.crt, ca.key) and a SuperLink TLS certificate signed by it "
+        "(server.crt, server.key). Private keys are written with mode 0600.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="directory to write the four files into")
+    parser.add_argument(
+        "--san", action="append", default=[], metavar="NAME_OR_IP",
+        help="DNS name or IP address the sites use to reach the SuperLink (repeatable, or comma-separated); "
+        "localhost, 127.0.0.1 and ::1 are always added because the SuperLink's own ServerApp runner "
+        "connects over loopback",
+    )
+    parser.add_argument("--days", type=int, default=825, help="validity of the server certificate (default 825)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.set_defaults(handler=_run_certs)
+
+
+def _run_certs(args) -> None:
+    from common import pki
+
+    sans = [part.strip() for value in args.san for part in value.split(",") if part.strip()]
+    sans = list(dict.fromkeys([*sans, *pki.LOOPBACK_SANS]))
+    try:
+        paths = pki.write_certificates(args.out, sans, force=args.force, server_days=args.days)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    out = args.out
+    print(f"Wrote to {out}/:")
+    print(f"  {paths[pki.CA_CERT]}")
+    print("      CA certificate (public). Give it to every site and to whoever runs `flwr`:")
+    print("        flower-superlink --ssl-ca-certfile   flower-supernode --root-certificates")
+    print("        root-certificates = \"<absolute path>\" in the Flower config connection ($FLWR_HOME/config.toml)")
+    print(f"  {paths[pki.CA_KEY]}  (mode 0600)")
+    print("      CA private key. Used only to sign certificates: keep it offline, never copy it into a container.")
+    print(f"  {paths[pki.SERVER_CERT]}")
+    print(f"      SuperLink certificate for {', '.join(sans)}:  flower-superlink --ssl-certfile")
+    print(f"  {paths[pki.SERVER_KEY]}  (mode 0600)")
+    print("      SuperLink private key:  flower-superlink --ssl-keyfile  (stays on the SuperLink host)")
+
+
+def _add_site_keys(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "site-keys",
+        help="create one site's SuperNode authentication key pair",
+        description="Create an ECDSA P-384 key pair for one site: <site>.key (OpenSSH private key, mode 0600, "
+        "stays at the site) and <site>.pub (OpenSSH public key, sent to the coordinator to register).",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="directory to write <site>.key and <site>.pub into")
+    parser.add_argument("--site", required=True, help="site name, e.g. site-1")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.set_defaults(handler=_run_site_keys)
+
+
+def _run_site_keys(args) -> None:
+    from common import pki
+
+    try:
+        private_path, public_path = pki.write_site_keys(args.out, args.site, force=args.force)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    fingerprint = pki.public_key_fingerprint(public_path.read_bytes())
+    print(f"Wrote {args.site}'s SuperNode authentication keys:")
+    print(f"  {private_path}  (mode 0600)")
+    print("      private key; never leaves the site:  flower-supernode --auth-supernode-private-key")
+    print(f"  {public_path}")
+    print(f"      public key, fingerprint {fingerprint}")
+    print("Send the .pub file to the coordinator (confirm the fingerprint by phone); they register it with:")
+    print(f"  flwr supernode register {public_path.name} <connection>")
+    print("The SuperLink (started with --enable-supernode-auth) then accepts this site and no unregistered one.")
+
+
+def _add_simulate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="simulate a whole federation on this machine",
+        description="Run the ServerApp and N simulated sites with Flower's simulation engine; results go to "
+        "runs/<run-name>/.",
+    )
+    from server import simulate
+
+    simulate.add_arguments(parser)
+    parser.set_defaults(handler=_run_simulate)
+
+
+def _run_simulate(args) -> None:
+    from server import simulate
+
+    if simulate.run_from_args(args) != 0:
+        raise SystemExit(2)
+
+
+def _add_model_hash(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "model-hash",
+        help="print a model's weights SHA-256, for a site policy's allowed-models",
+        description="Print the SHA-256 over a local model directory's weight files (default: the packaged model).",
+    )
+    parser.add_argument("model", nargs="?", default="default", help="local model directory, or 'default'")
+    parser.set_defaults(handler=_run_model_hash)
+
+
+def _run_model_hash(args) -> None:
+    from common.model import ModelError, weights_sha256
+
+    try:
+        print(weights_sha256(args.model))
+    except ModelError as err:
+        raise CommandError(str(err)) from None
+
+
+def main(argv=None) -> int:
+    """Run the `privet` command line; return the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="privet", description="Privacy-preserving federated LoRA fine-tuning with DP-SGD on Flower."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_certs(subparsers)
+    _add_site_keys(subparsers)
+    _add_simulate(subparsers)
+    _add_model_hash(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except (CommandError, FileExistsError) as err:
+        print(f"privet {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
