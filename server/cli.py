@@ -128,6 +128,25 @@ def _run_model_hash(args) -> None:
         raise CommandError(str(err)) from None
 
 
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write (again) a run's report.html and report.md",
+        description="Rebuild runs/<run-name>/report.html and report.md from what is on disk in the run directory.",
+    )
+    parser.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/bank-demo")
+    parser.set_defaults(handler=_run_report)
+
+
+def _run_report(args) -> None:
+    from server.run_report import write_report
+
+    if not (args.run_dir / "state.json").exists():
+        raise CommandError(f"{args.run_dir} is not a Privet run directory (no state.json)")
+    html, markdown = write_report(args.run_dir)
+    print(f"wrote {html} and {markdown}")
+
+
 def main(argv=None) -> int:
     """Run the `privet` command line; return the exit status."""
     parser = argparse.ArgumentParser(
@@ -138,6 +157,7 @@ def main(argv=None) -> int:
     _add_site_keys(subparsers)
     _add_simulate(subparsers)
     _add_model_hash(subparsers)
+    _add_report(subparsers)
     args = parser.parse_args(argv)
     try:
         args.handler(args)
