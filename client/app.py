@@ -23,6 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.policy import Declined, PolicyError
+from client.secure import secure_train_mod
 from client.site import check_policy, shared_model, site_terms, site_tensors
 from common import adapters, privacy
 from common.task import label_names
@@ -32,7 +33,7 @@ from common.metrics import classification_metrics
 from common.model import ModelError, pick_device
 from common.train import DPSettings, predict, train_round
 
-log = logging.getLogger("privet.site")
+log = logging.getLogger("flwr.privet.site")
 
 app = ClientApp()
 
@@ -166,7 +167,7 @@ def _evaluate(ctx: _Context) -> RecordDict:
     )
 
 
-@app.train()
+@app.train(mods=[secure_train_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the global adapter on this site's data under DP-SGD and return the new trainable tensors."""
     return _reply(msg, _train, context)

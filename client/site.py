@@ -22,7 +22,7 @@ from common.config import BUNDLED_DATASETS, RunConfig
 from common.model import build_model, pick_device, weights_sha256
 from common.train import TensorData
 
-log = logging.getLogger("privet.site")
+log = logging.getLogger("flwr.privet.site")
 
 VAL_FRACTION = 0.1
 

@@ -116,6 +116,11 @@ class RunConfig:
                 "update, and secure aggregation shows the server only their sum; use one of "
                 + ", ".join(a for a in AGGREGATIONS if a not in NEEDS_INDIVIDUAL_UPDATES)
             )
+        if self.secure_aggregation and self.min_sites < 3:
+            raise ConfigError(
+                f"secure-aggregation=true needs min-sites >= 3 (with 2 sites each could read the other's update "
+                f"from the mean, and Flower's masks are weak), but min-sites={self.min_sites}"
+            )
         if self.secure_aggregation and self.max_update_norm > 0:
             raise ConfigError(
                 "max-update-norm cannot be enforced with secure-aggregation=true: the server never sees a single "

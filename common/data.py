@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.privet.{__name__}")  # Flower's handler prints it, as in every Flower process
 
 SUPPORTED_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 _MAX_DRAWS = 20

@@ -20,7 +20,7 @@ from opacus.accountants import create_accountant
 
 from common.files import write_json_atomic
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"flwr.privet.{__name__}")  # Flower's handler prints it, as in every Flower process
 
 # Both are known and stated in every report; repeating them every round only buries real warnings.
 warnings.filterwarnings("ignore", message="Secure RNG turned off")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,7 +85,8 @@ def train_round(
             )
         criterion = nn.CrossEntropyLoss()
         losses: list[float] = []
-        bar = tqdm(total=total_steps, desc=progress, disable=progress is None, leave=False)
+        # A bar only on a terminal: in logs and Ray workers it would be hundreds of lines.
+        bar = tqdm(total=total_steps, desc=progress, disable=progress is None or not sys.stderr.isatty(), leave=False)
         for _ in range(epochs):
             for input_ids, attention_mask, labels in loader:
                 logits = runner(input_ids.to(device), attention_mask.to(device))

@@ -26,6 +26,7 @@ from common.metrics import classification_metrics, per_class_report
 from common.model import build_model, pick_device, weights_sha256
 from common.train import predict
 from server.checkpoint import RunDir, default_run_name
+from server.secure import SecureAggregation
 from server.report import print_summary, round_row
 from server.run_report import write_report
 from server.strategy import EVAL_METRICS, TRAIN_METRICS, make_strategy, screen
@@ -58,6 +59,10 @@ def main(grid: Grid, context: Context) -> None:
     test_set = task.central_test_set(config, limit=config.eval_examples or None)
     central_file = run.path / "central_dp.json"
     strategy = make_strategy(config, json.loads(central_file.read_text()) if last_round and central_file.exists() else None)
+    secure = None
+    if config.secure_aggregation:
+        secure = SecureAggregation(timeout=config.round_timeout, max_weight=config.max_examples_per_site or None,
+                                   min_sites=max(3, config.min_sites))
     message_config = {
         "run-name": run.name,
         "runs-dir": str(run.path.parent),
@@ -68,22 +73,26 @@ def main(grid: Grid, context: Context) -> None:
     for server_round in range(last_round + 1, config.num_server_rounds + 1):
         started = time.time()
         log.info("[Privet round %d/%d]", server_round, config.num_server_rounds)
-        replies = _exchange(
-            grid, strategy.configure_train(server_round, arrays, ConfigRecord(message_config), grid), config, known
-        )
-        trained = screen(
-            replies, spec=spec, required_metrics=TRAIN_METRICS, global_arrays=arrays,
-            max_update_norm=config.max_update_norm,
-        )
-        trained.rejected.update(replies.silent)
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(message_config), grid)
+        if secure is not None:
+            outcome = secure.exchange(grid, messages)
+            trained = outcome.screened(known)
+            to_aggregate = [outcome.reply()] if outcome.arrays is not None else []
+        else:
+            replies = _exchange(grid, messages, config, known)
+            trained = screen(replies, spec=spec, required_metrics=TRAIN_METRICS, global_arrays=arrays,
+                             max_update_norm=config.max_update_norm)
+            trained.rejected.update(replies.silent)
+            to_aggregate = trained.accepted
         known.update(trained.sites)
-        if len(trained.accepted) >= config.min_sites:
-            arrays, _ = strategy.aggregate_train(server_round, trained.accepted)
+        if to_aggregate and len(trained.accepted) >= config.min_sites:
+            arrays, _ = strategy.aggregate_train(server_round, to_aggregate)
             adapters.load_state(model, adapters.from_record(arrays, spec))
         else:
+            failure = outcome.failure if secure is not None and outcome.failure else "too few usable updates"
             log.warning(
-                "round %d: only %d usable update(s), fewer than min-sites=%d; the global adapter is unchanged",
-                server_round, len(trained.accepted), config.min_sites,
+                "round %d: %s (%d usable, min-sites=%d); the global adapter is unchanged",
+                server_round, failure, len(trained.accepted), config.min_sites,
             )
         replies = _exchange(
             grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(message_config), grid), config, known

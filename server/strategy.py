@@ -27,7 +27,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from common import adapters
 from common.config import RunConfig
 
-log = logging.getLogger("privet.server")
+log = logging.getLogger("flwr.privet.server")
 
 TRAIN_METRICS = ("num-examples", "loss", "steps")
 EVAL_METRICS = ("num-examples", "loss", "accuracy", "macro_f1")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common import cli
+from server import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

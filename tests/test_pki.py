@@ -14,7 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 
-from common import cli, pki
+from common import pki
+from server import cli
 
 
 def _mode(path):

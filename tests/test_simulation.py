@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 from opacus.accountants import create_accountant
 from peft import PeftModel
 
@@ -116,3 +117,23 @@ def test_central_dp_accounts_site_level_epsilon_and_keeps_the_run_going(tiny_mod
     accountant = RdpAccountant(PrivacyConfig(1e-5, 2, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION))
     accountant.load_state_dict(json.loads((tmp_path / "runs" / "central" / "central_dp.json").read_text()))
     assert accountant.get_privacy_spent().epsilon == pytest.approx(epsilons[-1])
+
+
+def test_secure_aggregation_runs_through_the_privet_apps(tiny_model_dir, tmp_path):
+    data = write_site_data(tmp_path / "sites.csv", n=180)
+    overrides = {
+        "dataset": str(data), "text-column": "text", "label-column": "product", "model": str(tiny_model_dir),
+        "num-server-rounds": 2, "runs-dir": str(tmp_path / "runs"), "run-name": "secure", "batch-size": 8,
+        "max-length": 16, "max-examples-per-site": 0, "min-sites": 3, "secure-aggregation": True,
+    }
+    simulate(3, overrides, cpus_per_site=1)
+    run = tmp_path / "runs" / "secure"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["aggregated_sites"] for row in rows] == [3, 3]
+    for row in rows:
+        trained = [s for s in row["sites"] if s["status"] == "trained"]
+        assert len(trained) == 3 and all(0 < s["epsilon"] <= 8.0 for s in trained)
+    from safetensors.torch import load_file
+
+    first, final = load_file(run / "round-1" / "adapter_model.safetensors"), load_file(run / "final" / "adapter_model.safetensors")
+    assert any(not torch.equal(first[k], final[k]) for k in first)  # round 2's secure aggregate moved the adapter

@@ -1,0 +1,472 @@
+"""Secure aggregation with Flower's SecAgg+: the server learns the weighted mean of the sites' updates, not one of them.
+
+In flwr 1.42 SecAgg+ exists only as a legacy workflow (``SecAggPlusWorkflow`` driven with a
+``LegacyContext`` and a legacy strategy) plus the client mod ``secaggplus_mod``. This module runs
+that workflow for one training round inside Privet's message-API ServerApp::
+
+    secure = SecureAggregation(timeout=config.round_timeout)
+    outcome = secure.exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(cfg), grid))
+    trained = outcome.screened(known)                 # per-site metrics, declines, dropouts (for the report)
+    if outcome.arrays is not None and len(trained.accepted) >= config.min_sites:
+        arrays, _ = strategy.aggregate_train(server_round, [outcome.reply()])
+
+`exchange` takes the very messages the strategy would have sent in a plain round (so node
+sampling, ``server-round``, FedProx's ``proximal-mu`` and FedAdam's bookkeeping are unchanged),
+runs the four SecAgg+ stages over them and returns the new global adapter
+(global + weighted mean of the sites' clipped deltas, float32). `reply()` wraps that adapter as
+one reply with the total example count, so FedAvg/FedProx return it as is and FedAdam takes its
+server-optimizer step on the mean delta.
+
+How SecAgg+ computes the mean (flwr 1.42): each site ``i`` scales its clipped delta ``x_i`` by
+``d_i = round(n_i/W·Q)/Q`` (``n_i`` its example count, ``W`` the max weight), maps it to integers
+in ``[0, Q]`` by stochastic rounding, prepends ``round(n_i/W·Q)`` and adds random masks modulo
+``2^32``: its own mask plus pairwise masks that cancel in the sum. The server sums the masked
+vectors, asks the surviving sites for Shamir shares to remove the masks of survivors (their own
+masks) and of sites that dropped after sharing keys (their pairwise masks), and divides the
+dequantized sum by ``Σ d_i``. Result: ``Σ d_i x_i / Σ d_i + e`` with
+``|e| ≤ (2c/Q)·m / Σ d_i`` per coordinate (``m`` summed sites, ``c`` the clipping range).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.message import make_message
+from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat import LegacyContext
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from client import secure as site_side
+from common import adapters
+
+log = logging.getLogger("flwr.privet.server")
+
+DEFAULT_CLIPPING_RANGE = 8.0
+DEFAULT_INITIAL_MAX_WEIGHT = 10_000
+MODULUS_RANGE = 2**32
+MAX_TEXT = 300
+
+
+class SecureAggregationError(ValueError):
+    """Secure aggregation cannot run with these sites or settings."""
+
+
+def majority_threshold(num_sites: int) -> int:
+    """Shares needed to rebuild a site's secret: a strict majority (at least 2), so tolerating ``n - t`` dropouts.
+
+    More than half, because Flower's SecAgg+ has no consistency check: a server that told some
+    sites "X dropped" and others "X is alive" could otherwise collect enough shares of both of
+    X's secrets to unmask X's update.
+    """
+    return max(2, num_sites // 2 + 1)
+
+
+def quantization_range_for(num_sites: int, modulus_range: int = MODULUS_RANGE) -> int:
+    """A power of two Q with ``num_sites · Q < modulus_range``, so the sum cannot wrap: modulus / 2^bits(n), ≤ 2^30.
+
+    Flower's default 2^22 leaves room for 1,023 sites; four sites can afford 2^29, 128 times
+    finer, at no cost: the masked values travel as int64 whatever Q is. (2^30 keeps Flower's
+    int32 stochastic rounding safe.)
+    """
+    q = modulus_range >> max(1, num_sites.bit_length())
+    return int(min(q, 2**30))
+
+
+@dataclass
+class SecureRound:
+    """What one secure round produced, and what the server could see of each site."""
+
+    server_round: int
+    arrays: ArrayRecord | None = None  # the new global adapter (float32); None when nothing was aggregated
+    mean_delta: dict[str, np.ndarray] | None = None  # the weighted mean of the clipped deltas (float64)
+    examples: int = 0  # total FedAvg weight in the sum
+    trained: dict[int, dict] = field(default_factory=dict)  # node -> plain-text metrics; its update is in the sum
+    declined: dict[int, str] = field(default_factory=dict)  # node -> reason; took part with weight 0
+    dropped: dict[int, str] = field(default_factory=dict)  # node -> protocol stage and reason
+    site_ids: dict[int, str] = field(default_factory=dict)
+    failure: str | None = None  # why the round produced no aggregate
+    protocol: dict = field(default_factory=dict)  # sites, threshold, clipping range, quantization, max weight
+    seconds: float = 0.0
+    _replies: dict[int, Message] = field(default_factory=dict, repr=False)
+
+    def reply(self) -> Message:
+        """The aggregate as one train reply: the new adapter weighted by the total example count.
+
+        Hand it to the message-API strategy's ``aggregate_train``: FedAvg and FedProx return the
+        adapter unchanged; FedAdam (after its own ``configure_train``) steps on the mean delta.
+        """
+        if self.arrays is None:
+            raise SecureAggregationError(f"round {self.server_round} has no aggregate: {self.failure}")
+        metrics = {"num-examples": self.examples}
+        for key in ("loss", "steps"):
+            values = [(m[key], m.get("num-examples", 1)) for m in self.trained.values() if key in m]
+            if values:
+                metrics[key] = float(sum(v * w for v, w in values) / sum(w for _, w in values))
+        content = RecordDict({"arrays": self.arrays, "metrics": MetricRecord(metrics)})
+        return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+    def screened(self, known: Mapping[int, str] | None = None):
+        """A ``server.strategy.Screened``: one metrics-only reply per summed site, declines, dropouts."""
+        from server.strategy import Screened  # noqa: PLC0415 (the strategy module imports nothing from here)
+
+        names = {**dict(known or {}), **self.site_ids}
+        result = Screened()
+        for node, metrics in self.trained.items():
+            site = names.get(node, f"node-{node}")
+            result.sites[node] = site
+            content = RecordDict(
+                {
+                    "metrics": MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))}),
+                    "site": ConfigRecord({"site-id": site}),
+                }
+            )
+            result.accepted.append(make_message(self._replies[node].metadata, content))
+        for node, reason in self.declined.items():
+            site = names.get(node, f"node-{node}")
+            result.sites[node] = site
+            result.declined[site] = reason
+        for node, reason in self.dropped.items():
+            if node not in self.trained and node not in self.declined:  # a site lost at unmask is still summed
+                result.rejected[names.get(node, f"node-{node}")] = reason
+        return result
+
+
+class SecureAggregation:
+    """Runs SecAgg+ training rounds; keeps the max weight it learns from one round to the next.
+
+    clipping_range: each delta coordinate is clipped to ±this at the site before quantization.
+        Adam moves a coordinate by about the learning rate per step, so the default 8.0 is far
+        above any sane round (lr 5e-3 would need ~1,600 steps); sites report how many
+        coordinates they clipped (``privet-secagg-clipped``).
+    max_weight: the largest FedAvg weight (example count) a site may carry; a site with more is
+        weighed as this. Pass ``max-examples-per-site`` when it is set (a true bound). None: the
+        first round uses `initial_max_weight`, later rounds the largest count seen so far.
+    reconstruction_threshold: Shamir threshold; default a strict majority of the round's sites.
+    quantization_range: default the largest safe power of two for the round's number of sites.
+    max_update_norm: when > 0, each site scales its delta to at most this L2 norm (enforced by
+        the site: the server cannot check it).
+    timeout: seconds to wait for replies in each of the four stages (None: forever).
+    min_sites: fewer sampled sites and the round is refused (with two, each site could subtract
+        its own update from the mean and read the other's).
+    """
+
+    def __init__(
+        self,
+        *,
+        clipping_range: float = DEFAULT_CLIPPING_RANGE,
+        max_weight: int | None = None,
+        initial_max_weight: int = DEFAULT_INITIAL_MAX_WEIGHT,
+        reconstruction_threshold: int | None = None,
+        quantization_range: int | None = None,
+        modulus_range: int = MODULUS_RANGE,
+        max_update_norm: float = 0.0,
+        timeout: float | None = None,
+        min_sites: int = 3,
+    ):
+        if not clipping_range > 0:
+            raise SecureAggregationError(f"clipping range {clipping_range} must be positive")
+        if max_weight is not None and max_weight < 1:
+            raise SecureAggregationError(f"max weight {max_weight} must be at least 1")
+        if min_sites < 2:
+            raise SecureAggregationError("secure aggregation needs at least 2 sites")
+        self.clipping_range = float(clipping_range)
+        self.max_weight = max_weight
+        self._learnt_max_weight: int | None = None
+        self.initial_max_weight = int(initial_max_weight)
+        self.reconstruction_threshold = reconstruction_threshold
+        self.quantization_range = quantization_range
+        self.modulus_range = int(modulus_range)
+        self.max_update_norm = float(max_update_norm)
+        self.timeout = timeout
+        self.min_sites = int(min_sites)
+
+    def current_max_weight(self) -> int:
+        if self.max_weight is not None:
+            return int(self.max_weight)
+        return self._learnt_max_weight or self.initial_max_weight
+
+    def exchange(self, grid, messages: Iterable[Message]) -> SecureRound:
+        """Run one SecAgg+ training round over the train messages a strategy's ``configure_train`` built."""
+        started = time.time()
+        messages = list(messages)
+        if not messages:
+            return SecureRound(server_round=0, failure="no sites were sampled")
+        first = messages[0].content
+        server_round = int(first["config"]["server-round"])
+        outcome = SecureRound(server_round=server_round)
+        keys = list(first["arrays"].keys())
+        nodes = [msg.metadata.dst_node_id for msg in messages]
+        if len(set(nodes)) != len(nodes):
+            raise SecureAggregationError("a node was sampled twice")
+        if len(nodes) < self.min_sites:
+            outcome.failure = (
+                f"secure aggregation needs at least {self.min_sites} sites in a round; {len(nodes)} were sampled"
+            )
+            log.warning("round %d: %s", server_round, outcome.failure)
+            return outcome
+        shapes = {key: tuple(first["arrays"][key].shape) for key in keys}
+        m = len(nodes)
+        threshold = self.reconstruction_threshold or majority_threshold(m)
+        if not 2 <= threshold <= m:
+            raise SecureAggregationError(f"reconstruction threshold {threshold} must be between 2 and {m} sites")
+        q_range = self.quantization_range or quantization_range_for(m, self.modulus_range)
+        if m * q_range >= self.modulus_range:
+            raise SecureAggregationError(
+                f"{m} sites × quantization range {q_range} could wrap around the modulus {self.modulus_range}"
+            )
+        max_weight = self.current_max_weight()
+        outcome.protocol = {
+            "sites": m, "threshold": threshold, "tolerated_dropouts": m - threshold,
+            "clipping_range": self.clipping_range, "quantization_range": q_range,
+            "modulus_range": self.modulus_range, "max_weight": max_weight,
+        }
+        fitins = {}
+        for msg in messages:
+            arrays, config = msg.content["arrays"], msg.content["config"]
+            if list(arrays.keys()) != keys:
+                raise SecureAggregationError("every site must be sent the same adapter keys")
+            extra = {
+                site_side.KEYS: keys,
+                site_side.CLIPPING_RANGE: self.clipping_range,
+                site_side.MAX_WEIGHT: float(max_weight),
+                site_side.MAX_NORM: self.max_update_norm,
+            }
+            ndarrays = [arrays[key].numpy() for key in keys]
+            fitins[msg.metadata.dst_node_id] = FitIns(ndarrays_to_parameters(ndarrays), {**dict(config), **extra})
+        global_arrays = {key: first["arrays"][key].numpy() for key in keys}
+
+        watched = _WatchedGrid(grid, set(nodes), shapes=[(1,), *shapes.values()],
+                               modulus_range=self.modulus_range, max_weight=max_weight)
+        strategy = _OneRound(fitins, watched)
+        client_manager = SimpleClientManager()
+        for proxy in strategy.proxies.values():
+            client_manager.register(proxy)
+        # A fresh context: the workflow writes its bookkeeping into context.state, which must not touch the caller's.
+        context = LegacyContext(
+            Context(run_id=_run_id(grid), node_id=0, node_config={}, state=RecordDict(), run_config={}),
+            config=ServerConfig(num_rounds=1),
+            strategy=strategy,
+            client_manager=client_manager,
+        )
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+        workflow = _SecAggPlus(
+            num_shares=1.0,  # every site holds a share of every other site's secrets (fine for tens of sites)
+            reconstruction_threshold=threshold,
+            max_weight=float(max_weight),
+            clipping_range=self.clipping_range,
+            quantization_range=q_range,
+            modulus_range=self.modulus_range,
+            timeout=self.timeout,
+        )
+        log.info("round %d: secure aggregation over %d sites (threshold %d, clip ±%g, Q=2^%d, max weight %d)",
+                 server_round, m, threshold, self.clipping_range, q_range.bit_length() - 1, max_weight)
+        with np.errstate(divide="ignore", invalid="ignore"):  # all sites declining divides 0 by 0; caught below
+            workflow(watched, context)
+
+        outcome.dropped = dict(watched.dropped)
+        outcome._replies = dict(watched.collected)
+        for proxy, fitres in strategy.results:
+            node = proxy.node_id
+            metrics = dict(fitres.metrics)
+            site = str(metrics.pop(site_side.SITE_ID, "") or "")
+            if site:
+                outcome.site_ids[node] = site
+            if site_side.DECLINE in metrics:
+                outcome.declined[node] = _text(metrics[site_side.DECLINE])
+            else:
+                outcome.trained[node] = metrics
+        seen = [int(m_.get("num-examples", 0)) for m_ in outcome.trained.values()]
+        if seen and self.max_weight is None:
+            self._learnt_max_weight = max([*seen, self._learnt_max_weight or 0])
+        outcome.examples = int(sum(fitres.num_examples for _, fitres in strategy.results))
+        if strategy.parameters is None:
+            outcome.failure = f"secure aggregation halted at stage {watched.stage!r}"
+            if outcome.dropped:
+                outcome.failure += f": fewer than {threshold} sites left ({len(outcome.dropped)} dropped)"
+        elif outcome.examples == 0:
+            outcome.failure = "no site contributed an update (all declined)"
+        else:
+            delta = parameters_to_ndarrays(strategy.parameters)
+            if len(delta) != len(keys) or any(d.shape != shapes[k] for k, d in zip(keys, delta)):
+                outcome.failure = "the unmasked aggregate does not match the adapter's shapes"
+            elif not all(np.all(np.isfinite(d)) for d in delta):
+                outcome.failure = "the unmasked aggregate holds non-finite values"
+            else:
+                outcome.mean_delta = dict(zip(keys, delta))
+                outcome.arrays = ArrayRecord(
+                    {
+                        k: Array((global_arrays[k].astype(np.float64) + d).astype(adapters.WIRE_DTYPE))
+                        for k, d in outcome.mean_delta.items()
+                    }
+                )
+        for node, reason in outcome.dropped.items():
+            log.warning("round %d: node %d dropped out of secure aggregation: %s", server_round, node, reason)
+        if outcome.failure:
+            log.warning("round %d: %s; the global adapter is unchanged", server_round, outcome.failure)
+        outcome.seconds = time.time() - started
+        return outcome
+
+
+def error_bound(weights: Iterable[float], clipping_range: float, quantization_range: int, max_weight: float) -> float:
+    """Per-coordinate bound on |secure mean − exact FedAvg mean| for clipped deltas with these example counts.
+
+    Stochastic rounding moves each site's quantized value by less than one step 2c/Q; the sum is
+    divided by Σd_i (d_i = q_i/Q, q_i = round(n_i/W·Q)): at most (2c/Q)·m/Σd_i. Using the
+    rounded weights q_i instead of n_i·Q/W (each off by ≤ 1/2, so the normalized weights move by
+    ≤ m/Σq_i in total) moves a weighted mean of values in [−c, c] by at most c·m/Σq_i more.
+    Together: 3·c·m / Σq_i.
+    """
+    q = [round(n / max_weight * quantization_range) for n in weights if n > 0]
+    return 3 * clipping_range * len(q) / sum(q)
+
+
+def _run_id(grid) -> int:
+    try:
+        return int(grid.run.run_id)
+    except Exception:  # noqa: BLE001 (a test grid may have no run)
+        return 0
+
+
+def _short_reason(reason) -> str:
+    """The message of a ClientApp's exception, without the transport's traceback around it."""
+    text = str(reason)
+    if "Message:" in text:
+        text = text.rsplit("Message:", 1)[1].strip().splitlines()[0]
+    return _text(text)
+
+
+def _text(value) -> str:
+    text = "".join(c if c.isprintable() else " " for c in str(value))
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "..."
+
+
+class _OneRound(LegacyFedAvg):
+    """The legacy strategy SecAggPlusWorkflow drives: fixed FitIns per node in, the unmasked aggregate out."""
+
+    def __init__(self, fitins: dict[int, FitIns], grid):
+        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=2, min_available_clients=2)
+        self.fitins = fitins
+        self.proxies = {node: GridClientProxy(node_id=node, grid=grid, run_id=_run_id(grid)) for node in fitins}
+        self.results: list = []
+        self.failures: list = []
+        self.parameters = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(self.proxies[node], ins) for node, ins in self.fitins.items()]
+
+    def aggregate_fit(self, server_round, results, failures):
+        # SecAgg+ already divided the sum by the total weight and put that mean into every FitRes;
+        # legacy FedAvg would only average identical copies again (and divide by zero if all declined).
+        self.results, self.failures = list(results), list(failures)
+        self.parameters = results[0][1].parameters if results else None
+        return None, {}
+
+
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's workflow, made to survive a site that drops before it has shared its keys.
+
+    flwr 1.42 keeps such a site among the sampled ones, so in the unmask stage it asks the others
+    for shares of its key, which they never received: every site fails and the round is lost.
+    A site that dropped in setup or share-keys added no mask to anyone's vector, so it is simply
+    left out; sites that drop later are handled by the protocol as designed.
+    """
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        gone = set(state.sampled_node_ids) - set(state.active_node_ids)
+        if gone:
+            state.sampled_node_ids = set(state.active_node_ids)
+            for node, neighbours in state.nid_to_neighbours.items():
+                state.nid_to_neighbours[node] = neighbours - gone
+        return ok
+
+
+class _WatchedGrid:
+    """The grid as SecAgg+ sees it: notes who drops out at which stage, and drops malformed replies.
+
+    A dropped reply makes its sender a dropout for the protocol, so its masks are removed like
+    those of a site that went silent, instead of a wrong-shaped vector crashing the workflow or,
+    worse, being broadcast into the sum.
+    """
+
+    def __init__(self, grid, nodes: set[int], *, shapes, modulus_range: int, max_weight: float):
+        self._grid = grid
+        self.nodes = nodes
+        self.shapes = [tuple(s) for s in shapes]
+        self.modulus_range = modulus_range
+        self.max_weight = max_weight
+        self.stage = ""
+        self.dropped: dict[int, str] = {}
+        self.collected: dict[int, Message] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        if messages:
+            self.stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        answered = {msg.metadata.src_node_id for msg in replies}
+        for msg in messages:
+            if msg.metadata.dst_node_id not in answered:
+                self.dropped[msg.metadata.dst_node_id] = f"stage {self.stage}: no reply within {timeout}s"
+        kept = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node not in self.nodes:
+                continue
+            if msg.has_error():
+                self.dropped[node] = f"stage {self.stage}: error reply: {_short_reason(msg.error.reason)}"
+                kept.append(msg)
+                continue
+            problem = self._problem(msg)
+            if problem:
+                self.dropped[node] = f"stage {self.stage}: reply rejected: {problem}"
+                continue
+            if self.stage == Stage.COLLECT_MASKED_VECTORS:
+                self.collected[node] = msg
+            kept.append(msg)
+        return kept
+
+    def _problem(self, msg: Message) -> str | None:
+        try:
+            cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
+            if self.stage == Stage.SETUP:
+                if not all(isinstance(cfg[k], bytes) for k in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2)):
+                    return "public keys are not bytes"
+            elif self.stage == Stage.SHARE_KEYS:
+                dsts, ctxts = cfg[Key.DESTINATION_LIST], cfg[Key.CIPHERTEXT_LIST]
+                if len(dsts) != len(ctxts) or not set(dsts) <= self.nodes:
+                    return "malformed key shares"
+            elif self.stage == Stage.COLLECT_MASKED_VECTORS:
+                vectors = [bytes_to_ndarray(b) for b in cfg[Key.MASKED_PARAMETERS]]
+                if [v.shape for v in vectors] != self.shapes:
+                    return "masked vector shapes differ from the adapter's"
+                for v in vectors:
+                    if v.dtype.kind not in "iu" or (v.size and (v.min() < 0 or v.max() >= self.modulus_range)):
+                        return "masked vector is not integers modulo the protocol's modulus"
+                fitres = compat.recorddict_to_fitres(msg.content, keep_input=True)
+                if not 0 <= fitres.num_examples <= self.max_weight:
+                    return f"weight {fitres.num_examples} outside [0, {self.max_weight:g}]"
+            elif self.stage == Stage.UNMASK:
+                nids, shares = cfg[Key.NODE_ID_LIST], cfg[Key.SHARE_LIST]
+                if len(nids) != len(shares) or not set(nids) <= self.nodes:
+                    return "malformed secret shares"
+        except (KeyError, TypeError, ValueError) as err:
+            return f"malformed reply ({type(err).__name__})"
+        return None
