@@ -8,16 +8,10 @@ contains its data.
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from pathlib import Path
 
-for _key, _value in (
-    ("FLWR_TELEMETRY_ENABLED", "0"),
-    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
-):
-    os.environ.setdefault(_key, _value)
+import common.offline  # noqa: F401  (before flwr: no telemetry, update check or code install)
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp

@@ -52,7 +52,7 @@ def weights_sha256(model: str) -> str:
 
 
 class MeanPoolClassifier(nn.Module):
-    """An encoder whose masked mean-pooled token states feed a linear head.
+    """An encoder whose masked mean-pooled, standardised token states feed a linear head.
 
     all-MiniLM-L6-v2 was trained for mean-pooled sentence embeddings, so this head learns
     far faster than BERT's CLS pooler (DESIGN.md calibration table).
@@ -67,7 +67,9 @@ class MeanPoolClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.classifier(pooled)
+        # Standardise the sentence vector (no parameters): MiniLM's pooled values spread only ~0.1, so an
+        # unscaled head needs large weights that noisy DP steps of a small learning rate take long to reach.
+        return self.classifier(nn.functional.layer_norm(pooled, pooled.shape[-1:]))
 
 
 def load_tokenizer(model: str):

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
-for _key, _value in (
-    ("FLWR_TELEMETRY_ENABLED", "0"),
-    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
-):
-    os.environ.setdefault(_key, _value)
+import common.offline  # noqa: F401  (before flwr: no telemetry, update check or code install)
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp

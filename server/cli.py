@@ -1,15 +1,10 @@
 """The `privet` command. Each subcommand is one `_add_<name>(subparsers)` function that registers its parser and handler."""
 
-import os
+import argparse
+import sys
+from pathlib import Path
 
-# A hospital's server must not call home or pull code: set before anything imports flwr.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import common.offline  # noqa: F401  (before flwr: no telemetry, update check or code install)
 
 
 class CommandError(Exception):

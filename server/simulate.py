@@ -13,12 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-for _key, _value in (
-    ("FLWR_TELEMETRY_ENABLED", "0"),
-    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
-):
-    os.environ.setdefault(_key, _value)
+import common.offline  # noqa: F401  (before flwr: no telemetry, update check or code install)
 
 import click
 from flwr.app import Context, RecordDict

@@ -174,9 +174,11 @@ def test_robust_aggregation_with_secure_aggregation_is_a_config_error(kind):
 
 def test_secure_aggregation_is_allowed_with_the_averaging_aggregators():
     for kind in ("fedavg", "ffa-lora", "fedprox", "fedadam"):
-        assert config(aggregation=kind, secure_aggregation=True).secure_aggregation
+        assert config(aggregation=kind, secure_aggregation=True, min_sites=3).secure_aggregation
     with pytest.raises(ConfigError, match="max-update-norm cannot be enforced with secure-aggregation"):
-        config(secure_aggregation=True, max_update_norm=1.0)
+        config(secure_aggregation=True, max_update_norm=1.0, min_sites=3)
+    with pytest.raises(ConfigError, match="secure-aggregation=true needs min-sites >= 3"):
+        config(secure_aggregation=True, min_sites=2)
 
 
 @pytest.mark.parametrize("overrides,needle", [
