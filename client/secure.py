@@ -44,20 +44,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from common import secure_wire as wire
+
 log = logging.getLogger("flwr.privet.site")
 
-# Keys the server adds to the FitIns config; stripped before the train function sees the config.
-PREFIX = "privet-secagg-"
-KEYS = PREFIX + "keys"
-CLIPPING_RANGE = PREFIX + "clipping-range"
-MAX_WEIGHT = PREFIX + "max-weight"
-MAX_NORM = PREFIX + "max-update-norm"
-# Plain-text metrics a site adds to its SecAgg+ reply.
-DECLINE = PREFIX + "decline"
-SITE_ID = PREFIX + "site-id"
-CLIPPED = PREFIX + "clipped"
-WEIGHT = PREFIX + "weight"
-NORM_SCALE = PREFIX + "norm-scale"
 
 
 class SecureUpdateError(ValueError):
@@ -74,10 +64,10 @@ def secure_train_mod(msg: Message, context: Context, call_next) -> Message:
 def _train_for_secagg(msg: Message, context: Context, train) -> Message:
     """Run the Privet train function on a SecAgg+ FitIns and reply with a FitRes carrying the clipped delta."""
     config = msg.content.config_records["fitins.config"]
-    keys = [str(key) for key in config[KEYS]]
-    clipping_range = float(config[CLIPPING_RANGE])
-    max_weight = float(config[MAX_WEIGHT])
-    max_norm = float(config.get(MAX_NORM, 0.0))
+    keys = [str(key) for key in config[wire.KEYS]]
+    clipping_range = float(config[wire.CLIPPING_RANGE])
+    max_weight = float(config[wire.MAX_WEIGHT])
+    max_norm = float(config.get(wire.MAX_NORM, 0.0))
     legacy = compat.arrayrecord_to_parameters(msg.content.array_records["fitins.parameters"], keep_input=True)
     global_arrays = parameters_to_ndarrays(legacy)
     if len(global_arrays) != len(keys):
@@ -85,7 +75,7 @@ def _train_for_secagg(msg: Message, context: Context, train) -> Message:
     request = RecordDict(
         {
             "arrays": ArrayRecord({key: Array(np.asarray(a)) for key, a in zip(keys, global_arrays)}),
-            "config": ConfigRecord({k: v for k, v in config.items() if not k.startswith(PREFIX)}),
+            "config": ConfigRecord({k: v for k, v in config.items() if not k.startswith(wire.PREFIX)}),
         }
     )
     reply = train(make_message(msg.metadata, request), context)
@@ -93,22 +83,22 @@ def _train_for_secagg(msg: Message, context: Context, train) -> Message:
         raise SecureUpdateError(f"the train function failed: {reply.error.reason}")
     content = reply.content
     site = _site_id(content)
-    metrics: dict = {SITE_ID: site} if site else {}
+    metrics: dict = {wire.SITE_ID: site} if site else {}
     if "decline" in content.config_records:
         reason = str(content["decline"].get("reason", "no reason given"))
         return _fitres_reply(msg, [np.zeros_like(a, dtype=np.float64) for a in global_arrays], 0,
-                             {**metrics, DECLINE: reason})
+                             {**metrics, wire.DECLINE: reason})
     try:
         delta, weight, extra = contribution(content, keys, global_arrays, clipping_range, max_weight, max_norm)
     except SecureUpdateError as err:
         # Like the server's screening in a plain round: a bad update is dropped with a reason, not summed.
         log.error("%s: update not sent to secure aggregation: %s", site or "site", err)
         return _fitres_reply(msg, [np.zeros_like(a, dtype=np.float64) for a in global_arrays], 0,
-                             {**metrics, DECLINE: f"update unusable for secure aggregation: {err}"})
-    if extra[CLIPPED]:
+                             {**metrics, wire.DECLINE: f"update unusable for secure aggregation: {err}"})
+    if extra[wire.CLIPPED]:
         log.warning(
             "%s: %d coordinate(s) of the update exceeded the secure-aggregation clipping range ±%g and were clipped",
-            site or "site", extra[CLIPPED], clipping_range,
+            site or "site", extra[wire.CLIPPED], clipping_range,
         )
     return _fitres_reply(msg, delta, weight, {**metrics, **_scalars(content), **extra})
 
@@ -151,7 +141,7 @@ def contribution(
         log.warning("%d examples exceed the secure-aggregation max weight %g; this round weighs them as %d",
                     weight, max_weight, int(max_weight))
         weight = int(max_weight)
-    return delta, weight, {CLIPPED: clipped, WEIGHT: weight, NORM_SCALE: scale}
+    return delta, weight, {wire.CLIPPED: clipped, wire.WEIGHT: weight, wire.NORM_SCALE: scale}
 
 
 def _fitres_reply(msg: Message, delta: list[np.ndarray], weight: int, metrics: dict) -> Message:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 
 from common import data
 from common.config import BUNDLED_DATASETS, RunConfig
@@ -36,8 +37,6 @@ def tokenizer(model: str):
 
 def encode(texts, labels, config: RunConfig) -> TensorData:
     """Tokenize texts and pair them with label indexes."""
-    import torch
-
     input_ids, attention_mask = data.tokenize(list(texts), tokenizer(config.model), config.max_length)
     return TensorData(input_ids, attention_mask, torch.as_tensor(np.asarray(labels), dtype=torch.long))
 

@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     if last_round:
         set_peft_model_state_dict(model, load_file(run.adapter_dir(last_round) / "adapter_model.safetensors"))
     info = {"labels": list(names), "model": config.model, "max_length": config.max_length, "seed": config.seed,
-            "model_sha256": _model_hash(config.model), "head": "mean-pooling"}
+            "model_sha256": _model_hash(config.model), "head": "standardised mean-pooling + linear"}
     spec = adapters.expected_spec(model)
     arrays = adapters.to_record(adapters.trainable_state(model))
     test_set = task.central_test_set(config, limit=config.eval_examples or None)

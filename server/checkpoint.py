@@ -16,6 +16,8 @@ from common.files import write_json_atomic
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+# What a resumed run may set differently from its start; anything else would change what the adapter means.
+RESUMABLE_CHANGES = {"resume", "num-server-rounds", "round-timeout", "min-sites"}
 
 
 class RunDirError(RuntimeError):
@@ -47,7 +49,18 @@ class RunDir:
         if not resume:
             write_json_atomic(self.path / STATE_FILE, {"last_round": 0, "config": config})
             return 0
-        last = int(json.loads(state_file.read_text())["last_round"])
+        state = json.loads(state_file.read_text())
+        changed = sorted(
+            key for key in set(state["config"]) | set(config)
+            if key not in RESUMABLE_CHANGES and state["config"].get(key) != config.get(key)
+        )
+        if changed:
+            raise RunDirError(
+                f"resume=true but the run config differs from the one {self.name} started with in: "
+                f"{', '.join(changed)}; resume with the same values (only {', '.join(sorted(RESUMABLE_CHANGES))} "
+                "may change)"
+            )
+        last = int(state["last_round"])
         self._drop_rounds_after(last)
         return last
 

@@ -37,27 +37,23 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.message import make_message
-from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.compat.common import recorddict_compat as compat
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat import LegacyContext
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from client import secure as site_side
+from common import secure_wire as wire
 from common import adapters
+from server.secagg_workflow import OneRound, PatchedSecAggPlus, WatchedGrid, run_id_of
+from server.strategy import safe_text
 
 log = logging.getLogger("flwr.privet.server")
 
 DEFAULT_CLIPPING_RANGE = 8.0
 DEFAULT_INITIAL_MAX_WEIGHT = 10_000
 MODULUS_RANGE = 2**32
-MAX_TEXT = 300
 
 
 class SecureAggregationError(ValueError):
@@ -239,31 +235,31 @@ class SecureAggregation:
             if list(arrays.keys()) != keys:
                 raise SecureAggregationError("every site must be sent the same adapter keys")
             extra = {
-                site_side.KEYS: keys,
-                site_side.CLIPPING_RANGE: self.clipping_range,
-                site_side.MAX_WEIGHT: float(max_weight),
-                site_side.MAX_NORM: self.max_update_norm,
+                wire.KEYS: keys,
+                wire.CLIPPING_RANGE: self.clipping_range,
+                wire.MAX_WEIGHT: float(max_weight),
+                wire.MAX_NORM: self.max_update_norm,
             }
             ndarrays = [arrays[key].numpy() for key in keys]
             fitins[msg.metadata.dst_node_id] = FitIns(ndarrays_to_parameters(ndarrays), {**dict(config), **extra})
         global_arrays = {key: first["arrays"][key].numpy() for key in keys}
 
-        watched = _WatchedGrid(grid, set(nodes), shapes=[(1,), *shapes.values()],
+        watched = WatchedGrid(grid, set(nodes), shapes=[(1,), *shapes.values()],
                                modulus_range=self.modulus_range, max_weight=max_weight)
-        strategy = _OneRound(fitins, watched)
+        strategy = OneRound(fitins, watched)
         client_manager = SimpleClientManager()
         for proxy in strategy.proxies.values():
             client_manager.register(proxy)
         # A fresh context: the workflow writes its bookkeeping into context.state, which must not touch the caller's.
         context = LegacyContext(
-            Context(run_id=_run_id(grid), node_id=0, node_config={}, state=RecordDict(), run_config={}),
+            Context(run_id=run_id_of(grid), node_id=0, node_config={}, state=RecordDict(), run_config={}),
             config=ServerConfig(num_rounds=1),
             strategy=strategy,
             client_manager=client_manager,
         )
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-        workflow = _SecAggPlus(
+        workflow = PatchedSecAggPlus(
             num_shares=1.0,  # every site holds a share of every other site's secrets (fine for tens of sites)
             reconstruction_threshold=threshold,
             max_weight=float(max_weight),
@@ -282,11 +278,11 @@ class SecureAggregation:
         for proxy, fitres in strategy.results:
             node = proxy.node_id
             metrics = dict(fitres.metrics)
-            site = str(metrics.pop(site_side.SITE_ID, "") or "")
+            site = str(metrics.pop(wire.SITE_ID, "") or "")
             if site:
                 outcome.site_ids[node] = site
-            if site_side.DECLINE in metrics:
-                outcome.declined[node] = _text(metrics[site_side.DECLINE])
+            if wire.DECLINE in metrics:
+                outcome.declined[node] = safe_text(metrics[wire.DECLINE])
             else:
                 outcome.trained[node] = metrics
         seen = [int(m_.get("num-examples", 0)) for m_ in outcome.trained.values()]
@@ -332,141 +328,3 @@ def error_bound(weights: Iterable[float], clipping_range: float, quantization_ra
     """
     q = [round(n / max_weight * quantization_range) for n in weights if n > 0]
     return 3 * clipping_range * len(q) / sum(q)
-
-
-def _run_id(grid) -> int:
-    try:
-        return int(grid.run.run_id)
-    except Exception:  # noqa: BLE001 (a test grid may have no run)
-        return 0
-
-
-def _short_reason(reason) -> str:
-    """The message of a ClientApp's exception, without the transport's traceback around it."""
-    text = str(reason)
-    if "Message:" in text:
-        text = text.rsplit("Message:", 1)[1].strip().splitlines()[0]
-    return _text(text)
-
-
-def _text(value) -> str:
-    text = "".join(c if c.isprintable() else " " for c in str(value))
-    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "..."
-
-
-class _OneRound(LegacyFedAvg):
-    """The legacy strategy SecAggPlusWorkflow drives: fixed FitIns per node in, the unmasked aggregate out."""
-
-    def __init__(self, fitins: dict[int, FitIns], grid):
-        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=2, min_available_clients=2)
-        self.fitins = fitins
-        self.proxies = {node: GridClientProxy(node_id=node, grid=grid, run_id=_run_id(grid)) for node in fitins}
-        self.results: list = []
-        self.failures: list = []
-        self.parameters = None
-
-    def configure_fit(self, server_round, parameters, client_manager):
-        return [(self.proxies[node], ins) for node, ins in self.fitins.items()]
-
-    def aggregate_fit(self, server_round, results, failures):
-        # SecAgg+ already divided the sum by the total weight and put that mean into every FitRes;
-        # legacy FedAvg would only average identical copies again (and divide by zero if all declined).
-        self.results, self.failures = list(results), list(failures)
-        self.parameters = results[0][1].parameters if results else None
-        return None, {}
-
-
-class _SecAggPlus(SecAggPlusWorkflow):
-    """Flower's workflow, made to survive a site that drops before it has shared its keys.
-
-    flwr 1.42 keeps such a site among the sampled ones, so in the unmask stage it asks the others
-    for shares of its key, which they never received: every site fails and the round is lost.
-    A site that dropped in setup or share-keys added no mask to anyone's vector, so it is simply
-    left out; sites that drop later are handled by the protocol as designed.
-    """
-
-    def share_keys_stage(self, grid, context, state) -> bool:
-        ok = super().share_keys_stage(grid, context, state)
-        gone = set(state.sampled_node_ids) - set(state.active_node_ids)
-        if gone:
-            state.sampled_node_ids = set(state.active_node_ids)
-            for node, neighbours in state.nid_to_neighbours.items():
-                state.nid_to_neighbours[node] = neighbours - gone
-        return ok
-
-
-class _WatchedGrid:
-    """The grid as SecAgg+ sees it: notes who drops out at which stage, and drops malformed replies.
-
-    A dropped reply makes its sender a dropout for the protocol, so its masks are removed like
-    those of a site that went silent, instead of a wrong-shaped vector crashing the workflow or,
-    worse, being broadcast into the sum.
-    """
-
-    def __init__(self, grid, nodes: set[int], *, shapes, modulus_range: int, max_weight: float):
-        self._grid = grid
-        self.nodes = nodes
-        self.shapes = [tuple(s) for s in shapes]
-        self.modulus_range = modulus_range
-        self.max_weight = max_weight
-        self.stage = ""
-        self.dropped: dict[int, str] = {}
-        self.collected: dict[int, Message] = {}
-
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        if messages:
-            self.stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = {msg.metadata.src_node_id for msg in replies}
-        for msg in messages:
-            if msg.metadata.dst_node_id not in answered:
-                self.dropped[msg.metadata.dst_node_id] = f"stage {self.stage}: no reply within {timeout}s"
-        kept = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if node not in self.nodes:
-                continue
-            if msg.has_error():
-                self.dropped[node] = f"stage {self.stage}: error reply: {_short_reason(msg.error.reason)}"
-                kept.append(msg)
-                continue
-            problem = self._problem(msg)
-            if problem:
-                self.dropped[node] = f"stage {self.stage}: reply rejected: {problem}"
-                continue
-            if self.stage == Stage.COLLECT_MASKED_VECTORS:
-                self.collected[node] = msg
-            kept.append(msg)
-        return kept
-
-    def _problem(self, msg: Message) -> str | None:
-        try:
-            cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
-            if self.stage == Stage.SETUP:
-                if not all(isinstance(cfg[k], bytes) for k in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2)):
-                    return "public keys are not bytes"
-            elif self.stage == Stage.SHARE_KEYS:
-                dsts, ctxts = cfg[Key.DESTINATION_LIST], cfg[Key.CIPHERTEXT_LIST]
-                if len(dsts) != len(ctxts) or not set(dsts) <= self.nodes:
-                    return "malformed key shares"
-            elif self.stage == Stage.COLLECT_MASKED_VECTORS:
-                vectors = [bytes_to_ndarray(b) for b in cfg[Key.MASKED_PARAMETERS]]
-                if [v.shape for v in vectors] != self.shapes:
-                    return "masked vector shapes differ from the adapter's"
-                for v in vectors:
-                    if v.dtype.kind not in "iu" or (v.size and (v.min() < 0 or v.max() >= self.modulus_range)):
-                        return "masked vector is not integers modulo the protocol's modulus"
-                fitres = compat.recorddict_to_fitres(msg.content, keep_input=True)
-                if not 0 <= fitres.num_examples <= self.max_weight:
-                    return f"weight {fitres.num_examples} outside [0, {self.max_weight:g}]"
-            elif self.stage == Stage.UNMASK:
-                nids, shares = cfg[Key.NODE_ID_LIST], cfg[Key.SHARE_LIST]
-                if len(nids) != len(shares) or not set(nids) <= self.nodes:
-                    return "malformed secret shares"
-        except (KeyError, TypeError, ValueError) as err:
-            return f"malformed reply ({type(err).__name__})"
-        return None

@@ -161,7 +161,7 @@ def site_of(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
-def _text(value) -> str:
+def safe_text(value) -> str:
     """A site-supplied string made safe for one log line and the report."""
     text = "".join(c if c.isprintable() else " " for c in str(value))
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "..."
@@ -181,9 +181,9 @@ def screen(
         site = site_of(msg)
         result.sites[msg.metadata.src_node_id] = site
         if msg.has_error():
-            result.rejected[site] = f"error reply: {_text(msg.error.reason)}"
+            result.rejected[site] = f"error reply: {safe_text(msg.error.reason)}"
         elif "decline" in msg.content:
-            result.declined[site] = _text(msg.content["decline"].get("reason", "no reason given"))
+            result.declined[site] = safe_text(msg.content["decline"].get("reason", "no reason given"))
         else:
             problem = _problem(msg, spec, required_metrics, global_arrays, max_update_norm)
             if problem:
@@ -208,7 +208,7 @@ def _problem(msg, spec, required_metrics, global_arrays, max_update_norm) -> str
     # All of them, not just the required ones: the report reads optional metrics such as epsilon.
     for key, value in metrics.items():
         if isinstance(value, list) or not math.isfinite(value):
-            return f"metric {_text(key)} is not a finite number"
+            return f"metric {safe_text(key)} is not a finite number"
     examples = metrics["num-examples"]
     if not float(examples).is_integer() or examples < 1:
         return "num-examples must be a positive whole number"

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.test_simulation import write_site_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,3 +67,15 @@ def test_server_killed_mid_run_resumes_to_completion(tiny_model_dir, tmp_path):
         # re-run of that round counts against the same cap instead of resetting it.
         assert trained <= on_ledger and {1, killed_at} <= on_ledger
         assert ledger["epsilon"] <= 4.0
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path):
+    from server.checkpoint import RunDir, RunDirError
+
+    run = RunDir(tmp_path, "r")
+    assert run.start(False, {"lora-r": 8, "resume": False, "num-server-rounds": 3}) == 0
+    assert run.start(True, {"lora-r": 8, "resume": True, "num-server-rounds": 5}) == 0
+    with pytest.raises(RunDirError, match="differs .* in: lora-r"):
+        run.start(True, {"lora-r": 16, "resume": True, "num-server-rounds": 3})
+    with pytest.raises(RunDirError, match="already holds a run"):
+        run.start(False, {"lora-r": 8, "resume": False, "num-server-rounds": 3})

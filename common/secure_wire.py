@@ -1,0 +1,14 @@
+"""The names a site and the server use for SecAgg+ settings and per-site values, on top of Flower's own."""
+
+# Keys the server adds to the FitIns config; stripped before the train function sees the config.
+PREFIX = "privet-secagg-"
+KEYS = PREFIX + "keys"
+CLIPPING_RANGE = PREFIX + "clipping-range"
+MAX_WEIGHT = PREFIX + "max-weight"
+MAX_NORM = PREFIX + "max-update-norm"
+# Plain-text metrics a site adds to its SecAgg+ reply.
+DECLINE = PREFIX + "decline"
+SITE_ID = PREFIX + "site-id"
+CLIPPED = PREFIX + "clipped"
+WEIGHT = PREFIX + "weight"
+NORM_SCALE = PREFIX + "norm-scale"
