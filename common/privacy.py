@@ -7,6 +7,7 @@ restarts, never per round.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -15,8 +16,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
+_root_handlers = list(logging.getLogger().handlers)
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.accountants import create_accountant  # noqa: E402
+
+# Opacus calls logging.basicConfig() on import; that root handler would print every Flower log line twice.
+for _handler in logging.getLogger().handlers[len(_root_handlers):]:
+    logging.getLogger().removeHandler(_handler)
 
 from common.files import write_json_atomic
 
@@ -87,7 +93,13 @@ def calibrate_noise(
     tolerance: float = 0.01,
 ) -> float:
     """The smallest noise multiplier (within `tolerance` in ε) that keeps prior + planned steps at or under `target_epsilon`."""
-    prior = list(prior or [])
+    return _calibrate(target_epsilon, delta, sample_rate, steps, tuple(tuple(e) for e in prior or ()), accountant, tolerance)
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate(target_epsilon, delta, sample_rate, steps, prior, accountant, tolerance) -> float:
+    """Cached: simulated sites of equal size share one plan, and each PRV evaluation takes a while."""
+    prior = [tuple(e) for e in prior]
     spent, _ = compute_epsilon(prior, delta, accountant)
     if spent >= target_epsilon:
         raise PrivacyError(
