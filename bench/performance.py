@@ -7,6 +7,7 @@ Run: ``make bench`` or ``.venv/bin/python -m bench.performance [--only P1,P3] [-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -138,7 +139,7 @@ def p2_federation_overhead(sites: int = 2, rounds: int = 2, examples: int = 256)
             "sites": sites, "rounds": rounds, "startup_and_final_s": federated["wall_s"] - fed_seconds}
 
 
-def p4_quality(epsilons=(1.0, 3.0, 8.0), sites: int = 4, rounds: int = 3) -> dict:
+def p4_quality(epsilons=(1.0, 3.0, 8.0), sites: int = 4, rounds: int = 3, no_dp: bool = True) -> dict:
     """P4: final macro-F1 of federated DP runs (and without DP) over centralized plain LoRA on the same data."""
     config = RunConfig(num_server_rounds=rounds)
     data = sites_data(config, sites)
@@ -150,7 +151,8 @@ def p4_quality(epsilons=(1.0, 3.0, 8.0), sites: int = 4, rounds: int = 3) -> dic
     _, predictions = predict(model, test)
     central = classification_metrics(test.labels.numpy(), predictions, len(names))["macro_f1"]
     out = {"centralized_macro_f1": central, "sites": sites, "rounds": rounds, "runs": {}}
-    for label, run_config in [*((f"eps={e:g}", f"target-epsilon={e}") for e in epsilons), ("no-dp", "dp=false")]:
+    runs = [(f"eps={e:g}", f"target-epsilon={e}") for e in epsilons] + ([("no-dp", "dp=false")] if no_dp else [])
+    for label, run_config in runs:
         with tempfile.TemporaryDirectory() as tmp:
             result = simulate_subprocess(sites, f"{run_config} num-server-rounds={rounds}", Path(tmp))
         f1 = result["final"]["macro_f1"]
@@ -208,7 +210,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.performance", description=__doc__)
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset, e.g. P1,P3")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--p4-runs", default="1,3,8,no-dp", help="P4's federated runs: target ε values and/or no-dp")
     args = parser.parse_args(argv)
+    wanted = [part.strip() for part in args.p4_runs.split(",") if part.strip()]
+    BENCHES["P4"] = functools.partial(
+        p4_quality, epsilons=tuple(float(e) for e in wanted if e != "no-dp"), no_dp="no-dp" in wanted
+    )
     chosen = [name.strip().upper() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in BENCHES]
     if unknown:

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client import secure as site_side
+from common import secure_wire as wire
 from server.secure import SecureAggregation, SecureRound, error_bound, majority_threshold, quantization_range_for
 from tests import secure_apps
 from tests.test_simulation import write_site_data
@@ -223,11 +224,11 @@ def test_site_clips_coordinates_bounds_norm_and_caps_weight():
         _reply({"w": np.array([0.5, -3.0, 9.0, 0.0], dtype=np.float32)}, 250), ["w"], old, 2.0, 100.0
     )
     assert delta[0].dtype == np.float64 and np.array_equal(delta[0], [0.5, -2.0, 2.0, 0.0])
-    assert notes[site_side.CLIPPED] == 2 and weight == 100  # 250 examples weighed as the max weight
+    assert notes[wire.CLIPPED] == 2 and weight == 100  # 250 examples weighed as the max weight
     delta, _, notes = site_side.contribution(
         _reply({"w": np.array([3.0, 4.0, 0, 0], dtype=np.float32)}, 5), ["w"], old, 8.0, 100.0, max_norm=1.0
     )
-    assert np.allclose(delta[0], [0.6, 0.8, 0, 0]) and notes[site_side.NORM_SCALE] == pytest.approx(0.2)
+    assert np.allclose(delta[0], [0.6, 0.8, 0, 0]) and notes[wire.NORM_SCALE] == pytest.approx(0.2)
     with pytest.raises(site_side.SecureUpdateError, match="NaN"):
         site_side.contribution(_reply({"w": np.array([np.nan, 0, 0, 0], np.float32)}, 5), ["w"], old, 8.0, 100.0)
     with pytest.raises(site_side.SecureUpdateError, match="keys"):
@@ -313,6 +314,6 @@ def test_privet_sites_train_with_dp_and_only_the_mean_reaches_the_server(federat
         site = outcome.site_ids[node]
         ledger = json.loads((tmp / "runs" / "secure" / "sites" / site / "ledger.json").read_text())
         assert metrics["epsilon"] == pytest.approx(ledger["epsilon"]) and 0 < metrics["epsilon"] <= 4.0
-        assert metrics[site_side.CLIPPED] == 0
+        assert metrics[wire.CLIPPED] == 0
     # LoRA B starts at zero and really moved.
     assert any("lora_B" in k and np.abs(d).max() > 0 for k, d in outcome.mean_delta.items())
