@@ -56,7 +56,7 @@ class RunConfig:
     accountant: str = "prv"
     lora_r: int = field(default=8, metadata=_range(1, 1024))
     lora_alpha: int = field(default=16, metadata=_range(1, 65_536))
-    aggregation: str = "fedavg"
+    aggregation: str = "ffa-lora"
     proximal_mu: float = field(default=0.01, metadata=_range(0, None))
     server_learning_rate: float = field(default=0.01, metadata=_range(0, 10, lo_open=True))
     trim_fraction: float = field(default=0.2, metadata=_range(0, 0.5, hi_open=True))

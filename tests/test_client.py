@@ -10,6 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import evaluate, train
 from common import adapters
+from common.config import RunConfig
 from common.model import build_model, weights_sha256
 from tests.test_simulation import LABELS, write_site_data
 
@@ -43,7 +44,8 @@ def write_policy(tmp_path, data, models, cap=2.0, max_rounds=3):
 
 
 def message(overrides, tiny_model_dir, server_round=1, kind=MessageType.TRAIN, frozen_a=""):
-    model = build_model(str(tiny_model_dir), len(LABELS), lora_r=8, lora_alpha=16, ffa=False, seed=42)
+    ffa = RunConfig.from_mapping(get_fused_config_from_dir(ROOT, overrides)).aggregation == "ffa-lora"
+    model = build_model(str(tiny_model_dir), len(LABELS), lora_r=8, lora_alpha=16, ffa=ffa, seed=42)
     config = {"run-name": "r1", "runs-dir": "/nonexistent", "server-round": server_round, "frozen-a": frozen_a}
     content = RecordDict({"arrays": adapters.to_record(adapters.trainable_state(model)), "config": ConfigRecord(config)})
     return Message(content=content, dst_node_id=7, message_type=kind)
