@@ -34,7 +34,7 @@ from common.train import DPSettings, TensorData, predict, train_round
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
     "P1": "≤ 1.1× (DP step ÷ plain step)",
-    "P2": "≤ 1.15× (federation ÷ plain loop)",
+    "P2": "≤ 1.15× (federation ÷ plain loop, rounds after the first)",
     "P3": "≤ 0.2% (bytes per site per round ÷ model)",
     "P4": "≥ 0.95 at ε=8 (federated ÷ centralized macro-F1)",
     "P5": "< 6 GB and flat in sites",
@@ -52,7 +52,7 @@ def sites_data(config: RunConfig, num_sites: int) -> list[tuple[TensorData, Tens
 
 
 def p1_dp_overhead(steps: int = 8) -> dict:
-    """P1: time per DP-SGD step over time per plain step, default model, batch 64, 64 tokens."""
+    """P1: time per DP-SGD step over time per plain step: default model, batch size and token length."""
     config = RunConfig()
     train, _ = sites_data(config, 1)[0]
     data = train.subset(range(min(len(train), steps * config.batch_size)))
@@ -106,20 +106,26 @@ def simulate_subprocess(sites: int, run_config: str, runs_dir: Path, sample_memo
             "final": json.loads(final.read_text()) if final.exists() else None}
 
 
-def p2_federation_overhead(sites: int = 2, rounds: int = 2, examples: int = 256) -> dict:
-    """P2: the simulated federation's round time over the same training and evaluation in a plain loop."""
+def p2_federation_overhead(sites: int = 2, rounds: int = 3, examples: int = 512) -> dict:
+    """P2: the simulated federation's round time over the same training and evaluation in a plain loop.
+
+    Round 1 is left out on both sides: in the federation it includes start-up (Ray worker, imports,
+    model build, tokenization, noise calibration), which the target excludes.
+    """
     run_config = f"num-server-rounds={rounds} max-examples-per-site={examples} eval-examples=200"
     with tempfile.TemporaryDirectory() as tmp:
         federated = simulate_subprocess(sites, run_config, Path(tmp))
-    fed_seconds = sum(row["seconds"] for row in federated["rows"])
+    fed_rounds = [row["seconds"] for row in federated["rows"]]
     config = RunConfig(num_server_rounds=rounds, max_examples_per_site=examples, eval_examples=200)
     data = sites_data(config, sites)
     names = task.label_names(config)
     test = task.central_test_set(config, limit=200)
-    model = build_model(config.model, len(names), lora_r=8, lora_alpha=16, ffa=False, seed=config.seed)
+    model = build_model(config.model, len(names), lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+                        ffa=config.aggregation == "ffa-lora", seed=config.seed)
     start_state = adapters.trainable_state(model)
-    started = time.perf_counter()
+    plain_rounds = []
     for server_round in range(1, rounds + 1):
+        started = time.perf_counter()
         states = []
         for train, _ in data:
             adapters.load_state(model, start_state)
@@ -134,9 +140,10 @@ def p2_federation_overhead(sites: int = 2, rounds: int = 2, examples: int = 256)
         for _, val in data:
             predict(model, val)
         predict(model, test)
-    plain = time.perf_counter() - started
-    return {"figure": fed_seconds / plain, "federated_round_s": fed_seconds, "plain_loop_s": plain,
-            "sites": sites, "rounds": rounds, "startup_and_final_s": federated["wall_s"] - fed_seconds}
+        plain_rounds.append(time.perf_counter() - started)
+    return {"figure": sum(fed_rounds[1:]) / sum(plain_rounds[1:]), "federated_round_s": fed_rounds,
+            "plain_round_s": plain_rounds, "sites": sites, "rounds": rounds, "examples_per_site": examples,
+            "startup_and_final_s": federated["wall_s"] - sum(fed_rounds)}
 
 
 def p4_quality(epsilons=(1.0, 3.0, 8.0), sites: int = 4, rounds: int = 3, no_dp: bool = True) -> dict:
@@ -145,12 +152,18 @@ def p4_quality(epsilons=(1.0, 3.0, 8.0), sites: int = 4, rounds: int = 3, no_dp:
     data = sites_data(config, sites)
     pooled = TensorData(*(torch.cat([getattr(train, f) for train, _ in data]) for f in ("input_ids", "attention_mask", "labels")))
     names = task.label_names(config)
-    model = build_model(config.model, len(names), lora_r=config.lora_r, lora_alpha=config.lora_alpha, ffa=False, seed=config.seed)
-    train_round(model, pooled, epochs=rounds, batch_size=config.batch_size, learning_rate=config.learning_rate, dp=None, seed=0)
     test = task.central_test_set(config)
-    _, predictions = predict(model, test)
-    central = classification_metrics(test.labels.numpy(), predictions, len(names))["macro_f1"]
-    out = {"centralized_macro_f1": central, "sites": sites, "rounds": rounds, "runs": {}}
+    # The denominator is the better of two learning rates, so a DP-tuned default cannot handicap the baseline.
+    scores = {}
+    for rate in (config.learning_rate, config.learning_rate / 4):
+        model = build_model(config.model, len(names), lora_r=config.lora_r, lora_alpha=config.lora_alpha, ffa=False,
+                            seed=config.seed)
+        train_round(model, pooled, epochs=rounds, batch_size=config.batch_size, learning_rate=rate, dp=None, seed=0)
+        _, predictions = predict(model, test)
+        scores[rate] = classification_metrics(test.labels.numpy(), predictions, len(names))["macro_f1"]
+    central = max(scores.values())
+    out = {"centralized_macro_f1": central, "centralized_by_learning_rate": {f"{r:g}": f for r, f in scores.items()},
+           "sites": sites, "rounds": rounds, "runs": {}}
     runs = [(f"eps={e:g}", f"target-epsilon={e}") for e in epsilons] + ([("no-dp", "dp=false")] if no_dp else [])
     for label, run_config in runs:
         with tempfile.TemporaryDirectory() as tmp:

@@ -47,8 +47,8 @@ class RunConfig:
     local_epochs: int = field(default=1, metadata=_range(1, 1_000))
     max_examples_per_site: int = field(default=1000, metadata=_range(0, None))
     max_length: int = field(default=64, metadata=_range(8, 8192))
-    batch_size: int = field(default=64, metadata=_range(1, 65_536))
-    learning_rate: float = field(default=0.005, metadata=_range(0, 10, lo_open=True))
+    batch_size: int = field(default=128, metadata=_range(1, 65_536))
+    learning_rate: float = field(default=0.02, metadata=_range(0, 10, lo_open=True))
     dp: bool = True
     target_epsilon: float = field(default=8.0, metadata=_range(0, 100, lo_open=True))
     delta: float = field(default=1e-5, metadata=_range(0, 0.1, lo_open=True))

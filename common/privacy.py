@@ -56,10 +56,16 @@ def poisson_schedule(num_examples: int, batch_size: int) -> tuple[float, int]:
 
 def compute_epsilon(history: list[Entry], delta: float, accountant: str = "prv") -> tuple[float, str]:
     """ε of the whole history at δ, and the accountant that gave it (PRV, or RDP where PRV cannot compute)."""
+    return _epsilon(tuple(tuple(entry) for entry in history), delta, accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(history: tuple[Entry, ...], delta: float, accountant: str) -> tuple[float, str]:
+    """Cached: a site checks its cap and then records the same history each round, and a PRV run takes ~0.3 s."""
     if not history:
         return 0.0, accountant
     acc = create_accountant(mechanism=accountant)
-    acc.history = [tuple(entry) for entry in history]
+    acc.history = list(history)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -72,7 +78,7 @@ def compute_epsilon(history: list[Entry], delta: float, accountant: str = "prv")
         log.warning("PRV accountant could not compute ε (%s); falling back to RDP", err)
     if accountant == "rdp":
         return epsilon, "rdp"
-    return compute_epsilon(history, delta, "rdp")
+    return _epsilon(history, delta, "rdp")
 
 
 def merge_entry(history: list[Entry], entry: Entry) -> list[Entry]:

@@ -44,15 +44,19 @@ def main(grid: Grid, context: Context) -> None:
         config.model, len(names), lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         ffa=config.aggregation == "ffa-lora", seed=config.seed, device=device,
     )
-    if last_round:
-        set_peft_model_state_dict(model, load_file(run.adapter_dir(last_round) / "adapter_model.safetensors"))
     info = {"labels": list(names), "model": config.model, "max_length": config.max_length, "seed": config.seed,
             "model_sha256": _model_hash(config.model), "head": "standardised mean-pooling + linear"}
+    central_file = run.path / "central_dp.json"
+    strategy = make_strategy(config, json.loads(central_file.read_text()) if last_round and central_file.exists() else None)
+    if last_round:
+        set_peft_model_state_dict(model, load_file(run.adapter_dir(last_round) / "adapter_model.safetensors"))
+        saved = run.load_optimizer(last_round)
+        strategy.load_optimizer_state(saved)
+        if saved:
+            log.info("FedAdam moments restored from round %d", last_round)
     spec = adapters.expected_spec(model)
     arrays = adapters.to_record(adapters.trainable_state(model))
     test_set = task.central_test_set(config, limit=config.eval_examples or None)
-    central_file = run.path / "central_dp.json"
-    strategy = make_strategy(config, json.loads(central_file.read_text()) if last_round and central_file.exists() else None)
     secure = None
     if config.secure_aggregation:
         secure = SecureAggregation(timeout=config.round_timeout, max_weight=config.max_examples_per_site or None,
@@ -75,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
         else:
             replies = _exchange(grid, messages, config, known)
             trained = screen(replies, spec=spec, required_metrics=TRAIN_METRICS, global_arrays=arrays,
-                             max_update_norm=config.max_update_norm)
+                             max_update_norm=config.max_update_norm, max_examples=config.max_examples_per_site)
             trained.rejected.update(replies.silent)
             to_aggregate = trained.accepted
         known.update(trained.sites)
@@ -99,7 +103,7 @@ def main(grid: Grid, context: Context) -> None:
         if central_privacy is not None:
             write_json_atomic(central_file, central_privacy.pop("state"))
             row["central_dp"] = central_privacy
-        run.save_adapter(model, server_round, info)
+        run.save_adapter(model, server_round, info, strategy.optimizer_state())
         run.append_metrics(row)
         run.finish_round(server_round)
         log.info(

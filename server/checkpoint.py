@@ -12,10 +12,14 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
 from common.files import write_json_atomic
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+OPTIMIZER_FILE = "server_optimizer.safetensors"
 # What a resumed run may set differently from its start; anything else would change what the adapter means.
 RESUMABLE_CHANGES = {"resume", "num-server-rounds", "round-timeout", "min-sites"}
 
@@ -80,17 +84,29 @@ class RunDir:
     def adapter_dir(self, server_round: int | None) -> Path:
         return self.path / ("final" if server_round is None else f"round-{server_round}")
 
-    def save_adapter(self, model, server_round: int | None, info: dict) -> Path:
-        """Save the PEFT adapter (loadable by ``PeftModel.from_pretrained``) plus Privet's ``privet.json``."""
+    def save_adapter(
+        self, model, server_round: int | None, info: dict, optimizer: dict[str, np.ndarray] | None = None
+    ) -> Path:
+        """Save the PEFT adapter (loadable by ``PeftModel.from_pretrained``) plus Privet's ``privet.json``.
+
+        `optimizer` is the server optimizer's state after this round (FedAdam's moments), kept beside the adapter.
+        """
         target = self.adapter_dir(server_round)
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         write_json_atomic(tmp / "privet.json", info)
+        if optimizer:
+            save_file(optimizer, str(tmp / OPTIMIZER_FILE))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
         return target
+
+    def load_optimizer(self, server_round: int) -> dict[str, np.ndarray]:
+        """The server optimizer state saved with a round's adapter; empty when that round saved none."""
+        path = self.adapter_dir(server_round) / OPTIMIZER_FILE
+        return load_file(str(path)) if path.exists() else {}
 
     def append_metrics(self, row: dict) -> None:
         with (self.path / METRICS_FILE).open("a", encoding="utf-8") as handle:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -48,8 +49,8 @@ def make_strategy(config: RunConfig, central_state: dict | None = None) -> Aggre
         "fedavg": lambda: FedAvg(**nodes),
         "ffa-lora": lambda: FedAvg(**nodes),
         "fedprox": lambda: FedProx(**nodes, proximal_mu=config.proximal_mu),
-        # FedAdam keeps the round's global arrays from configure_train and its moments across rounds
-        # in memory only: a resumed run restarts them from zero.
+        # FedAdam keeps the round's global arrays from configure_train and its moments across rounds;
+        # the server saves the moments with each round's adapter so a resumed run keeps them.
         "fedadam": lambda: FedAdam(**nodes, eta=config.server_learning_rate),
         "trimmed-mean": lambda: FedTrimmedAvg(**nodes, beta=config.trim_fraction),
         "median": lambda: FedMedian(**nodes),
@@ -101,6 +102,22 @@ class Aggregator(Strategy):
         spent = accountant.get_privacy_spent()
         return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases,
                 "state": accountant.state_dict()}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """FedAdam's first and second moments (``m/<key>``, ``v/<key>``); empty for stateless aggregators."""
+        if not isinstance(self.inner, FedAdam) or not self.inner.m_t:
+            return {}
+        return {f"{name}/{key}": value for name, moments in (("m", self.inner.m_t), ("v", self.inner.v_t))
+                for key, value in moments.items()}
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what ``optimizer_state`` returned, on resume."""
+        if not state:
+            return
+        if not isinstance(self.inner, FedAdam):
+            raise ValueError("saved server optimizer moments, but this run's aggregation keeps none")
+        self.inner.m_t = {key[2:]: value for key, value in state.items() if key.startswith("m/")}
+        self.inner.v_t = {key[2:]: value for key, value in state.items() if key.startswith("v/")}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return self.inner.configure_train(server_round, arrays, config, grid)
@@ -174,18 +191,27 @@ def screen(
     required_metrics: tuple[str, ...],
     global_arrays: ArrayRecord | None = None,
     max_update_norm: float = 0.0,
+    max_examples: int = 0,
 ) -> Screened:
-    """Accept only replies with the expected adapter tensors (when `spec` is given) and sane metrics."""
+    """Accept only replies with the expected adapter tensors (when `spec` is given) and sane metrics.
+
+    `max_examples` > 0 bounds the num-examples a site may claim: it weighs the site in FedAvg.
+    """
     result = Screened()
+    replies = list(replies)
+    claims = Counter(site_of(msg) for msg in replies)
     for msg in replies:
         site = site_of(msg)
         result.sites[msg.metadata.src_node_id] = site
         if msg.has_error():
             result.rejected[site] = f"error reply: {safe_text(msg.error.reason)}"
+        elif claims[site] > 1:
+            # Which node really is the site cannot be told apart here, so none of them is trusted.
+            result.rejected[site] = f"site id claimed by {claims[site]} nodes in one round; all their replies set aside"
         elif "decline" in msg.content:
             result.declined[site] = safe_text(msg.content["decline"].get("reason", "no reason given"))
         else:
-            problem = _problem(msg, spec, required_metrics, global_arrays, max_update_norm)
+            problem = _problem(msg, spec, required_metrics, global_arrays, max_update_norm, max_examples)
             if problem:
                 result.rejected[site] = problem
             else:
@@ -197,7 +223,7 @@ def screen(
     return result
 
 
-def _problem(msg, spec, required_metrics, global_arrays, max_update_norm) -> str | None:
+def _problem(msg, spec, required_metrics, global_arrays, max_update_norm, max_examples) -> str | None:
     content = msg.content
     if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
         return "reply has no single 'metrics' record"
@@ -212,6 +238,8 @@ def _problem(msg, spec, required_metrics, global_arrays, max_update_norm) -> str
     examples = metrics["num-examples"]
     if not float(examples).is_integer() or examples < 1:
         return "num-examples must be a positive whole number"
+    if max_examples and examples > max_examples:
+        return f"num-examples {examples:g} exceeds max-examples-per-site={max_examples}"
     if spec is None:
         return None
     if len(content.array_records) != 1 or "arrays" not in content.array_records:

@@ -10,6 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from common import adapters
 from common.config import ConfigError, RunConfig
 from common.train import DPSettings, train_round
+from server.checkpoint import RunDir
 from server.strategy import make_strategy
 from tests.test_model_train import make_data, tiny
 
@@ -145,6 +146,31 @@ def test_fedadam_two_rounds_follow_the_adam_update_with_its_state():
             expected[key] = current[key] + step * m[key] / (np.sqrt(v[key]) + tau)
             np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6)
         current = got
+
+
+def test_fedadam_moments_saved_with_a_round_carry_over_to_a_resumed_run(tmp_path, tiny_model_dir):
+    current = sites(1, seed=7)[0]
+    rounds = [(sites(3, seed=1), [10, 30, 60]), (sites(3, seed=2), [50, 20, 30])]
+
+    def step(strategy, server_round, arrays):
+        list(strategy.configure_train(server_round, record(arrays), ConfigRecord({}), Grid()))
+        return aggregate(strategy, *rounds[server_round - 1], server_round)
+
+    unbroken = make_strategy(config(aggregation="fedadam"))
+    expected = step(unbroken, 2, step(unbroken, 1, current))
+
+    first = make_strategy(config(aggregation="fedadam"))
+    after_one = step(first, 1, current)
+    run = RunDir(tmp_path, "adam")
+    run.save_adapter(tiny(tiny_model_dir), 1, {}, first.optimizer_state())
+    resumed = make_strategy(config(aggregation="fedadam"))
+    resumed.load_optimizer_state(run.load_optimizer(1))
+    got = step(resumed, 2, after_one)
+    for key in SHAPES:
+        np.testing.assert_array_equal(got[key], expected[key])
+    assert make_strategy(config()).optimizer_state() == {}
+    with pytest.raises(ValueError, match="keeps none"):
+        make_strategy(config()).load_optimizer_state(run.load_optimizer(1))
 
 
 def test_robust_aggregators_leave_the_screened_replies_intact():

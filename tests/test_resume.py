@@ -29,7 +29,7 @@ def test_server_killed_mid_run_resumes_to_completion(tiny_model_dir, tmp_path):
     base = (
         f"dataset='{data}' text-column='text' label-column='product' model='{tiny_model_dir}' "
         f"num-server-rounds=4 runs-dir='{runs}' run-name='crash' batch-size=8 max-length=16 "
-        "max-examples-per-site=0 target-epsilon=4.0"
+        "max-examples-per-site=0 target-epsilon=4.0 aggregation='fedadam'"
     )
     state = runs / "crash" / "state.json"
     proc = launch(base)
@@ -56,9 +56,11 @@ def test_server_killed_mid_run_resumes_to_completion(tiny_model_dir, tmp_path):
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert f"starting at round {killed_at + 1}" in out
+    assert f"FedAdam moments restored from round {killed_at}" in out  # the server optimizer resumes too
     rows = [json.loads(line) for line in (runs / "crash" / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [1, 2, 3, 4]
     assert (runs / "crash" / "final" / "adapter_model.safetensors").exists()
+    assert all((runs / "crash" / f"round-{n}" / "server_optimizer.safetensors").exists() for n in range(1, 5))
     for site in ("site-0", "site-1"):
         ledger = json.loads((runs / "crash" / "sites" / site / "ledger.json").read_text())
         on_ledger = {r["round"] for r in ledger["rounds"]}

@@ -155,6 +155,20 @@ def test_declined_and_error_replies_are_not_aggregated():
     assert_honest_fedavg(result.accepted)
 
 
+def test_a_site_claiming_more_examples_than_any_site_may_hold_is_rejected():
+    inflated = reply(ROGUE_NODE, rogue_arrays(), {"num-examples": 10**9, "loss": 0.1, "steps": 2})
+    result = screen([*honest_replies(), inflated], spec=SPEC, required_metrics=TRAIN_METRICS, max_examples=1000)
+    assert "num-examples 1e+09 exceeds max-examples-per-site=1000" in result.rejected[f"site-{ROGUE_NODE}"]
+    assert_honest_fedavg(result.accepted)
+
+
+def test_two_nodes_claiming_one_site_id_are_both_set_aside():
+    impostor = reply(ROGUE_NODE, rogue_arrays(), {"num-examples": 10, "loss": 0.1, "steps": 2}, site="site-1")
+    result = screen([*honest_replies(), impostor], spec=SPEC, required_metrics=TRAIN_METRICS)
+    assert "claimed by 2 nodes" in result.rejected["site-1"]
+    assert [m.metadata.src_node_id for m in result.accepted] == [2, 3]
+
+
 def test_the_norm_bound_is_off_by_default():
     replies = [*honest_replies(), rogue_reply("huge norm")]
     result = screen(replies, spec=SPEC, required_metrics=TRAIN_METRICS, global_arrays=record(GLOBAL))
