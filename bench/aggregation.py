@@ -12,18 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.performance import ROOT, simulate_subprocess
-from common import adapters
+from bench.performance import ROOT, p3_bytes, simulate_subprocess
 from common.config import RunConfig
-from common.model import build_model
-
-
-def bytes_per_round(aggregation: str) -> int:
-    """Bytes of the ArrayRecord one site sends each round under this aggregation."""
-    config = RunConfig()
-    model = build_model(config.model, 8, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-                        ffa=aggregation == "ffa-lora", seed=config.seed)
-    return adapters.to_record(adapters.trainable_state(model)).count_bytes()
 
 
 def main(argv=None) -> int:
@@ -33,6 +23,8 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", default="", help="more run-config overrides for every run, Flower's format")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "aggregation.json")
     args = parser.parse_args(argv)
+    # Only FFA-LoRA sends fewer tensors; every other aggregation sends what FedAvg sends.
+    sent = {name: figures["bytes_per_round"] for name, figures in p3_bytes().items() if name != "figure"}
     results = {}
     for aggregation in [a.strip() for a in args.only.split(",") if a.strip()]:
         run_config = f"aggregation='{aggregation}' target-epsilon=8.0 num-server-rounds={args.rounds} {args.extra}"
@@ -43,7 +35,7 @@ def main(argv=None) -> int:
             "macro_f1_per_round": [row["macro_f1"] for row in run["rows"]],
             "final_macro_f1": run["final"]["macro_f1"],
             "final_accuracy": run["final"]["accuracy"],
-            "bytes_per_site_per_round": bytes_per_round(aggregation),
+            "bytes_per_site_per_round": sent.get(aggregation, sent["fedavg"]),
             "wall_s": run["wall_s"],
         }
         print(f"[{aggregation}] {json.dumps(results[aggregation])}", flush=True)
