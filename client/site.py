@@ -1,15 +1,18 @@
-"""One site's view of a run: its data, its privacy terms, and the shared model it trains in this process.
+"""One site's view of a run: who it is, its data, its privacy terms, and the shared model it trains in this process.
 
-A simulated site (no policy) takes its non-IID share of a bundled or given data set and keeps
-its ledger under the run directory; a real site reads everything from its policy file.
-Expensive things (model, tokenizer, tokenized data) are built once per process and reused
-every round; the ledger is reread from disk each round so a restart never forgets ε.
+A real site reads everything from its policy file and never opens a path the server names. A
+SuperNode without a policy is refused unless it is explicitly a simulated site: ``privet
+simulate`` marks its sites, which then take a non-IID share of a bundled or given data set and
+keep their ledgers under the run directory. Expensive things (model, tokenizer, tokenized data)
+are built once per process and reused every round; the ledger is reread from disk each round.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +20,18 @@ import numpy as np
 
 from client.policy import Declined, SitePolicy
 from common import data as site_data
-from common import task
-from common.config import BUNDLED_DATASETS, RunConfig
+from common import task as tasks
+from common.config import BUNDLED_DATASETS, POLICY_DATA, RunConfig
 from common.model import build_model, pick_device, weights_sha256
 from common.train import TensorData
 
 log = logging.getLogger("flwr.privet.site")
 
 VAL_FRACTION = 0.1
+# `privet simulate` sets this in the simulation's environment; a real SuperNode never has it unless its
+# administrator sets it. The server cannot: it controls neither a site's environment nor its node config.
+SIMULATION_ENV = "PRIVET_SIMULATED_SITES"
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,20 @@ class SiteTerms:
     delta: float
     max_rounds: int
     policy: SitePolicy | None
+    public_count: int | None = None
+    evaluate: bool = True
+
+
+def is_simulated(node_config: dict) -> bool:
+    """Whether this node was explicitly started as a simulated site (by `privet simulate`, or its administrator)."""
+    return os.environ.get(SIMULATION_ENV) == "1" or node_config.get("simulated") is True
+
+
+def checked_run_name(name: str) -> str:
+    """The server's run name, refused unless it is safe to use as a ledger key and a directory name."""
+    if not RUN_NAME.fullmatch(name):
+        raise Declined("the server's run-name is not 1-100 letters, digits, '.', '_' or '-'; refusing to use it")
+    return name
 
 
 def site_terms(config: RunConfig, node_config: dict, run_dir: Path) -> SiteTerms:
@@ -44,10 +65,17 @@ def site_terms(config: RunConfig, node_config: dict, run_dir: Path) -> SiteTerms
     if "policy" in node_config:
         policy = SitePolicy.load(str(node_config["policy"]))
         return SiteTerms(
-            policy.site_id, policy.ledger_path, policy.epsilon_cap, policy.delta, policy.max_rounds, policy
+            policy.site_id, policy.ledger_path, policy.epsilon_cap, policy.delta, policy.max_rounds, policy,
+            public_count=policy.public_example_count, evaluate=policy.evaluate,
         )
-    partition = int(node_config["partition-id"])
-    site_id = f"site-{partition}"
+    if not is_simulated(node_config):
+        raise Declined(
+            "this SuperNode has no site policy, so it will not train or evaluate: start it with "
+            "--node-config \"policy='/path/to/policy.toml'\" (only `privet simulate` runs sites without one)"
+        )
+    if "partition-id" not in node_config:
+        raise Declined("a simulated site needs partition-id and num-partitions in its node config")
+    site_id = f"site-{int(node_config['partition-id'])}"
     return SiteTerms(
         site_id=site_id,
         ledger_path=run_dir / "sites" / site_id / "ledger.json",
@@ -58,11 +86,34 @@ def site_terms(config: RunConfig, node_config: dict, run_dir: Path) -> SiteTerms
     )
 
 
+def site_label_names(config: RunConfig, policy: SitePolicy | None) -> tuple[str, ...]:
+    """The shared label set. A policy site takes it from its policy or the run; it never reads a server-named file."""
+    if policy is None:
+        return tasks.label_names(config)
+    if config.dataset in BUNDLED_DATASETS:
+        run_labels = site_data.load_bundled(config.dataset).label_names
+    else:
+        run_labels = tasks.parse_labels(config.labels) if config.labels else None
+    own = tasks.sort_labels(policy.labels) if policy.labels else None
+    if own and run_labels and own != run_labels:
+        raise Declined(
+            f"site {policy.site_id}'s label set (its policy's labels) differs from the run's; the coordinator and "
+            "the site must agree on one label set"
+        )
+    if not (own or run_labels):
+        raise Declined(
+            f"site {policy.site_id} has no label set: the run names none (labels) and its policy names none; "
+            "set labels in the run config or the site policy"
+        )
+    return own or run_labels
+
+
 @functools.lru_cache(maxsize=4)
-def shared_model(model: str, num_labels: int, lora_r: int, lora_alpha: int, ffa: bool, seed: int):
+def shared_model(model: str, task_name: str, num_labels: int, lora_r: int, lora_alpha: int, ffa: bool, seed: int):
     """One model per process; every site simulated in it loads the global adapter into it before use."""
     return build_model(
-        model, num_labels, lora_r=lora_r, lora_alpha=lora_alpha, ffa=ffa, seed=seed, device=pick_device()
+        model, num_labels, lora_r=lora_r, lora_alpha=lora_alpha, ffa=ffa, seed=seed,
+        head=tasks.TASKS[task_name].head, device=pick_device(),
     )
 
 
@@ -73,31 +124,38 @@ def model_sha256(model: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def site_tensors(
-    terms: SiteTerms, config: RunConfig, partition: tuple[int, int] | None
+    terms: SiteTerms, config: RunConfig, names: tuple[str, ...], partition: tuple[int, int] | None
 ) -> tuple[TensorData, TensorData]:
     """The site's tokenized training and validation splits, built once per process."""
-    names = task.label_names(config)
-    if terms.policy is not None:
-        policy = terms.policy
-        examples = task.read_file(str(policy.data_path), policy.text_column, policy.label_column, names)
+    task = tasks.get(config)
+    policy = terms.policy
+    if policy is not None:
+        examples = tasks.read_file(config.task, str(policy.data_path), policy.text_column, policy.label_column, names)
         source = str(policy.data_path)
     elif config.dataset in BUNDLED_DATASETS:
         examples = site_data.load_bundled(config.dataset).train
         source = f"bundled data set {config.dataset!r}"
+    elif config.dataset == POLICY_DATA:
+        raise Declined(f"dataset={POLICY_DATA!r} needs sites with a policy; {terms.site_id} is simulated")
     else:
-        examples = task.read_file(config.dataset, config.text_column, config.label_column, names)
+        examples = tasks.read_file(config.task, config.dataset, config.text_column, config.label_column, names)
         source = config.dataset
-    labels = site_data.encode_labels(examples.labels, names, source=source)
-    index = np.arange(len(labels))
+    keys = task.record_keys(examples)
+    index = np.arange(len(examples))
     if partition is not None:
+        # A simulated share: public, seeded by the run config, so the coordinator may reproduce it.
         site, num_sites = partition
-        index = site_data.dirichlet_partition(labels, num_sites, config.dirichlet_alpha, config.seed)[site]
-    if config.max_examples_per_site:
-        rng = np.random.default_rng(config.seed)
-        index = np.sort(rng.permutation(index)[: config.max_examples_per_site])
-    train_idx, val_idx = site_data.split_train_val(len(index), VAL_FRACTION, config.seed)
+        strata = site_data.encode_labels(task.strata(examples), sorted(set(task.strata(examples))))
+        index = site_data.dirichlet_partition(strata, num_sites, config.dirichlet_alpha, config.seed)[site]
+        if config.max_examples_per_site:
+            index = np.sort(np.random.default_rng(config.seed).permutation(index)[: config.max_examples_per_site])
+    elif policy.max_examples:
+        # The site's own cap: records chosen by content, so the same ones in every run.
+        index = np.array(sorted(index, key=lambda i: site_data.record_bucket("cap:" + keys[i]))[: policy.max_examples])
+        index = np.sort(index)
+    train_idx, val_idx = site_data.split_train_val([keys[i] for i in index], VAL_FRACTION)
     site_data.check_enough_examples(len(train_idx), config.batch_size, source)
-    everything = task.encode([examples.texts[i] for i in index], labels[index], config)
+    everything = tasks.encode(examples.select(index), config, names)
     log.info("%s: %d training and %d validation examples", terms.site_id, len(train_idx), len(val_idx))
     return everything.subset(train_idx), everything.subset(val_idx)
 
@@ -106,5 +164,8 @@ def check_policy(terms: SiteTerms, config: RunConfig, server_round: int) -> None
     """Raise ``Declined`` when the run breaks the site's policy or the round is past its limit."""
     if terms.policy is not None:
         terms.policy.check_run(config, model_sha256(config.model))
+    if not 1 <= server_round <= config.num_server_rounds:
+        # The noise was calibrated for the run's rounds: a round outside them is not part of the plan.
+        raise Declined(f"round {server_round} is outside this run's num-server-rounds={config.num_server_rounds}")
     if server_round > terms.max_rounds:
         raise Declined(f"site {terms.site_id} allows at most {terms.max_rounds} rounds; round {server_round} asked")

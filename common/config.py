@@ -19,7 +19,11 @@ AGGREGATIONS = ("fedavg", "ffa-lora", "fedprox", "fedadam", "trimmed-mean", "med
 # These need every site's individual update, which secure aggregation hides from the server.
 NEEDS_INDIVIDUAL_UPDATES = ("trimmed-mean", "median", "krum")
 ACCOUNTANTS = ("prv", "rdp")
-BUNDLED_DATASETS = ("bank", "hospital")
+TASKS = ("sequence-classification", "token-classification")
+# Bundled demo data sets, by the task they serve.
+BUNDLED_DATASETS = {"bank": TASKS[0], "hospital": TASKS[0], "ner-demo": TASKS[1]}
+# dataset='policy': every site trains on the data its own policy names (a deployment); the run names the labels.
+POLICY_DATA = "policy"
 
 
 class ConfigError(ValueError):
@@ -38,7 +42,9 @@ class RunConfig:
     run_name: str = ""
     runs_dir: str = "runs"
     resume: bool = False
+    task: str = TASKS[0]
     dataset: str = "bank"
+    test_dataset: str = ""
     text_column: str = ""
     label_column: str = ""
     labels: str = ""
@@ -52,6 +58,7 @@ class RunConfig:
     dp: bool = True
     target_epsilon: float = field(default=8.0, metadata=_range(0, 100, lo_open=True))
     delta: float = field(default=1e-5, metadata=_range(0, 0.1, lo_open=True))
+    eval_noise_multiplier: float = field(default=5.0, metadata=_range(0, None, lo_open=True))
     max_grad_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
     accountant: str = "prv"
     lora_r: int = field(default=8, metadata=_range(1, 1024))
@@ -62,6 +69,8 @@ class RunConfig:
     trim_fraction: float = field(default=0.2, metadata=_range(0, 0.5, hi_open=True))
     krum_byzantine: int = field(default=1, metadata=_range(0, 1_000))
     max_update_norm: float = field(default=0.0, metadata=_range(0, None))
+    max_site_weight: int = field(default=10_000, metadata=_range(1, None))
+    site_registry: str = ""
     secure_aggregation: bool = False
     central_dp: bool = False
     central_noise_multiplier: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
@@ -102,11 +111,27 @@ class RunConfig:
                 f"run-name={self.run_name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
             )
-        if self.dataset not in BUNDLED_DATASETS and not self.dataset:
-            raise ConfigError(f"dataset is empty: use one of {', '.join(BUNDLED_DATASETS)} or a file path")
-        if self.dataset not in BUNDLED_DATASETS and not (self.text_column and self.label_column):
+        _check_choice("task", self.task, TASKS)
+        if not self.dataset:
             raise ConfigError(
-                f"dataset={self.dataset!r} is a file, so text-column and label-column must be set"
+                f"dataset is empty: use one of {', '.join(BUNDLED_DATASETS)}, {POLICY_DATA!r} or a file path"
+            )
+        bundled_task = BUNDLED_DATASETS.get(self.dataset)
+        if bundled_task is not None and bundled_task != self.task:
+            raise ConfigError(
+                f"dataset={self.dataset!r} is a {bundled_task} data set but task={self.task!r}; "
+                f"use task={bundled_task!r} or one of "
+                + ", ".join(name for name, task in BUNDLED_DATASETS.items() if task == self.task)
+            )
+        needs_columns = self.task == "sequence-classification" and bundled_task is None
+        if needs_columns and self.dataset != POLICY_DATA and not (self.text_column and self.label_column):
+            raise ConfigError(f"dataset={self.dataset!r} is a file, so text-column and label-column must be set")
+        if needs_columns and self.test_dataset and not (self.text_column and self.label_column):
+            raise ConfigError("test-dataset is a file, so text-column and label-column must be set")
+        if self.dataset == POLICY_DATA and not self.labels:
+            raise ConfigError(
+                f"dataset={POLICY_DATA!r} trains each site on its own policy's data, so the run must name the "
+                "shared label set: set labels (comma-separated)"
             )
 
     def _check_aggregation(self) -> None:

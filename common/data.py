@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import csv
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -38,6 +39,12 @@ class Examples:
 
     texts: list[str]
     labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, index) -> Examples:
+        return Examples([self.texts[i] for i in index], [self.labels[i] for i in index])
 
 
 @dataclass(frozen=True)
@@ -393,13 +400,23 @@ def _top_up(sites: list[np.ndarray], floor: int, rng: np.random.Generator) -> No
         sites[large] = np.delete(sites[large], moving)
 
 
-def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted train and validation indexes from a seeded shuffle; validation gets at least one when n >= 2."""
+def split_train_val(keys: Sequence[str], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and validation indexes, chosen by a stable hash of each record's content.
+
+    Neither the row order nor the server's seed decides: a record stays on the same side in every
+    run, so no sequence of runs can cycle a site's records through validation.
+    """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = min(max(round(n * val_fraction), 1), n - 1) if n >= 2 else 0
-    return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
+    buckets = np.array([record_bucket(key) for key in keys], dtype=np.float64)
+    val = buckets < val_fraction
+    return np.flatnonzero(~val).astype(np.int64), np.flatnonzero(val).astype(np.int64)
+
+
+def record_bucket(key: str) -> float:
+    """A record's place in [0, 1), from the SHA-256 of its content (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def check_enough_examples(n: int, batch_size: int, source: str) -> None:

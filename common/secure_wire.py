@@ -6,9 +6,10 @@ KEYS = PREFIX + "keys"
 CLIPPING_RANGE = PREFIX + "clipping-range"
 MAX_WEIGHT = PREFIX + "max-weight"
 MAX_NORM = PREFIX + "max-update-norm"
-# Plain-text metrics a site adds to its SecAgg+ reply.
+# Plain-text values a site adds to its SecAgg+ reply: nothing that depends on its update.
 DECLINE = PREFIX + "decline"
 SITE_ID = PREFIX + "site-id"
+# Notes a site keeps in its own log (how much of its update was clipped or scaled): never sent.
 CLIPPED = PREFIX + "clipped"
 WEIGHT = PREFIX + "weight"
 NORM_SCALE = PREFIX + "norm-scale"

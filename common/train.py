@@ -1,8 +1,10 @@
-"""The one local training loop (DP-SGD or plain) and evaluation, shared by sites, the server and the benchmarks."""
+"""The one local training loop (DP-SGD or plain) and prediction, shared by sites, the server and the benchmarks."""
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,10 +15,14 @@ from tqdm.auto import tqdm
 
 from common import privacy
 
+BETAS = (0.9, 0.999)
+# Adam moves a coordinate by at most lr·(1-β1)/√(1-β2) in one step (Kingma & Ba 2015, section 2.1).
+ADAM_STEP_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])
+
 
 @dataclass(frozen=True)
 class TensorData:
-    """Tokenized examples ready for the model."""
+    """Tokenized examples ready for the model; `labels` is one index per example, or per token (-100: none)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -32,65 +38,63 @@ class TensorData:
 
 @dataclass(frozen=True)
 class DPSettings:
-    """How one round's DP-SGD is run; the noise multiplier comes from the site's calibration."""
+    """One round's DP-SGD: noise and sample rate come from the site's calibration and its public example count."""
 
     noise_multiplier: float
     max_grad_norm: float
+    sample_rate: float
 
 
 @dataclass(frozen=True)
 class TrainResult:
+    """`loss` is the unclipped mean training loss: it stays in the site's own log. `ran` is what Opacus ran."""
+
     loss: float
     steps: int
-    examples: int
+    ran: list[privacy.Entry] | None
 
 
 def train_round(
     model: nn.Module,
     data: TensorData,
     *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     epochs: int,
     batch_size: int,
     learning_rate: float,
     dp: DPSettings | None,
-    seed: int,
     device: torch.device | str = "cpu",
-    expected_steps: int | None = None,
     progress: str | None = None,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train the model's trainable parameters in place for `epochs` passes over `data`.
 
     With `dp`, Opacus samples each batch by Poisson sampling and clips and noises per-example
-    gradients; `expected_steps` (the steps the ledger already recorded) must match what Opacus runs.
-    With `proximal_mu` > 0 (FedProx), every step also pulls the weights toward those the round started from.
+    gradients, its randomness drawn from the operating system's entropy. With `proximal_mu` > 0
+    (FedProx), every step also pulls the weights toward those the round started from.
     """
-    generator = torch.Generator().manual_seed(seed)
     dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=BETAS, weight_decay=0.0)
     model.train()
-    runner = model
-    if dp is not None:
-        runner, optimizer, loader = privacy.make_private(
-            model, optimizer, loader, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm
+    private = None
+    if dp is None:
+        runner, loader = model, DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    else:
+        private = privacy.make_private(
+            model, optimizer, dataset, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            sample_rate=dp.sample_rate, batch_size=batch_size, device=device,
         )
+        runner, optimizer, loader = private.module, private.optimizer, private.loader
     try:
-        total_steps = epochs * len(loader)
-        if expected_steps is not None and total_steps != expected_steps:
-            raise privacy.PrivacyError(
-                f"Opacus would run {total_steps} steps but the ledger recorded {expected_steps}; refusing to train"
-            )
-        criterion = nn.CrossEntropyLoss()
         losses: list[float] = []
         # A bar only on a terminal: in logs and Ray workers it would be hundreds of lines.
-        bar = tqdm(total=total_steps, desc=progress, disable=progress is None or not sys.stderr.isatty(), leave=False)
+        bar = tqdm(total=epochs * len(loader), desc=progress, leave=False,
+                   disable=progress is None or not sys.stderr.isatty())
         for _ in range(epochs):
             for input_ids, attention_mask, labels in loader:
-                logits = runner(input_ids.to(device), attention_mask.to(device))
-                loss = criterion(logits, labels.to(device))
+                loss = loss_fn(runner(input_ids.to(device), attention_mask.to(device)), labels.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -100,10 +104,20 @@ def train_round(
                 bar.update(1)
         bar.close()
     finally:
-        if dp is not None:
-            privacy.release(runner)
+        if private is not None:
+            private.close()
     model.eval()
-    return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"), steps=len(losses), examples=len(data))
+    return TrainResult(
+        loss=float(np.mean(losses)) if losses else float("nan"),
+        steps=len(losses),
+        ran=None if private is None else private.ran(),
+    )
+
+
+def update_ceiling(learning_rate: float, steps: int, spec: Mapping[str, tuple[int, ...]]) -> float:
+    """The largest L2 norm one round of `steps` optimizer steps can give an honest update of these tensors."""
+    dim = sum(math.prod(shape) for shape in spec.values())
+    return ADAM_STEP_BOUND * learning_rate * steps * math.sqrt(dim)
 
 
 @torch.no_grad()
@@ -118,15 +132,12 @@ def _proximal_step(params: list[nn.Parameter], anchor: list[torch.Tensor], rate:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: TensorData, *, batch_size: int = 128, device="cpu") -> tuple[float, np.ndarray]:
-    """Mean cross-entropy loss and the predicted class of every example."""
+def predict(model: nn.Module, data: TensorData, *, batch_size: int = 128, device="cpu") -> torch.Tensor:
+    """The predicted label index of every example (or of every token), on the CPU."""
     model.eval()
-    losses, predictions = [], []
-    for start in range(0, len(data), batch_size):
-        chunk = slice(start, start + batch_size)
-        logits = model(data.input_ids[chunk].to(device), data.attention_mask[chunk].to(device))
-        labels = data.labels[chunk].to(device)
-        losses.append(nn.functional.cross_entropy(logits, labels, reduction="sum").item())
-        predictions.append(logits.argmax(dim=-1).cpu().numpy())
-    loss = sum(losses) / max(len(data), 1)
-    return loss, np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
+    predictions = [
+        model(data.input_ids[start:start + batch_size].to(device),
+              data.attention_mask[start:start + batch_size].to(device)).argmax(dim=-1).cpu()
+        for start in range(0, len(data), batch_size)
+    ]
+    return torch.cat(predictions) if predictions else torch.zeros(data.labels.shape, dtype=torch.long)

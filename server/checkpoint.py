@@ -8,6 +8,7 @@ line for a round ``state.json`` does not claim; resume drops those.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from common.files import write_json_atomic
+
+log = logging.getLogger("flwr.privet.server")
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -54,6 +57,8 @@ class RunDir:
             write_json_atomic(self.path / STATE_FILE, {"last_round": 0, "config": config})
             return 0
         state = json.loads(state_file.read_text())
+        if state["config"].get("run-name") == "":
+            state["config"]["run-name"] = self.name  # started without a run-name: the generated one is its name
         changed = sorted(
             key for key in set(state["config"]) | set(config)
             if key not in RESUMABLE_CHANGES and state["config"].get(key) != config.get(key)
@@ -72,9 +77,9 @@ class RunDir:
         """Forget metrics lines and adapters of rounds after `last` that a crash left unconfirmed."""
         metrics = self.path / METRICS_FILE
         if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["round"] <= last]
+            kept = [row for row in read_rows(metrics) if row["round"] <= last]
             tmp = metrics.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
             tmp.replace(metrics)
         for directory in self.path.glob("round-*"):
             suffix = directory.name.removeprefix("round-")
@@ -113,12 +118,27 @@ class RunDir:
             handle.write(json.dumps(row) + "\n")
 
     def read_metrics(self) -> list[dict]:
-        metrics = self.path / METRICS_FILE
-        if not metrics.exists():
-            return []
-        return [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        return read_rows(self.path / METRICS_FILE)
 
     def finish_round(self, server_round: int) -> None:
+        """Confirm a round: from now on a resume starts after it."""
         state = json.loads((self.path / STATE_FILE).read_text())
         state["last_round"] = server_round
         write_json_atomic(self.path / STATE_FILE, state)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics log; a last line cut short by a crash is dropped with a warning, not fatal."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise RunDirError(f"{path}, line {number}: not a JSON row (only the last line can be torn by a crash); "
+                                  "restore the file from backup") from None
+            log.warning("%s: the last line was cut short (a crash while writing it) and is ignored", path)
+    return rows

@@ -22,9 +22,13 @@ from matplotlib.ticker import MaxNLocator
 
 from common.metrics import fairness
 from common.privacy import NOISE_RNG_NOTE
+from common.task import TASKS
+from server.checkpoint import read_rows
 
 PLOT_FILES = {"global": "report-global.png", "sites": "report-sites.png", "epsilon": "report-epsilon.png"}
-SOURCES = {"server-test-split": "server test split", "sites-weighted": "sites' validation (weighted)"}
+SOURCES = {"server-test-split": "server test split", "sites-weighted": "sites' validation (weighted, DP-noised)"}
+LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "entity_f1": "entity F1 (micro)",
+          "entity_macro_f1": "entity macro-F1", "precision": "entity precision", "recall": "entity recall"}
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 h1{border-bottom:2px solid #345}h2{margin-top:1.8em;border-bottom:1px solid #ccc;color:#234}
@@ -51,8 +55,7 @@ def _load(run: Path) -> dict:
     """Everything the report needs, read from the run directory (absent files give empty values)."""
     state = _json(run / "state.json") or {}
     config = state.get("config", {})
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-    rows = [json.loads(line) for line in lines if line.strip()]
+    rows = read_rows(run / "metrics.jsonl")
     if "last_round" in state:  # lines past the last confirmed round are crash leftovers that resume drops
         rows = [row for row in rows if row["round"] <= state["last_round"]]
     rounds = [p for p in run.glob("round-*/privet.json") if p.parent.name.removeprefix("round-").isdigit()]
@@ -74,15 +77,16 @@ def _sections(run: dict) -> tuple[str, list[tuple[str, list[tuple]]]]:
     """The title and (heading, blocks) sections; a block is ("p", text), ("list", items), ("table", head, rows)
     or ("img", plot key, png, alt), rendered alike to HTML and Markdown."""
     config, rows, last = run["config"], run["rows"], (run["rows"] or [None])[-1]
+    task = TASKS.get(config.get("task", "sequence-classification"), TASKS["sequence-classification"])
     sites = sorted({s["site"] for row in rows for s in row["sites"]} | set(run["ledgers"]))
     eps = _final_epsilon(run, sites)
     sections = [
-        ("Overview", _overview(run, sites, last, eps)),
-        ("Global metrics per round", _global(rows)),
-        ("Per-site metrics", _per_site(rows, sites, last)),
-        ("Fairness across sites", _fairness(rows, last)),
+        ("Overview", _overview(run, sites, last, eps, task)),
+        ("Global metrics per round", _global(rows, task)),
+        ("Per-site metrics", _per_site(rows, sites, last, task)),
+        ("Fairness across sites", _fairness(rows, last, task)),
         ("Privacy budget (ε) per site", _epsilon(rows, sites, eps, config)),
-        ("Classification report of the final adapter", _classification(run["final"])),
+        ("Report of the final adapter", _classification(run["final"], task)),
         ("Declined, rejected and failed sites", _incidents(rows)),
         ("Transparency for the privacy officer", _transparency(config, eps, _central(last))),
         ("Configuration", _configuration(config, run["info"])),
@@ -91,14 +95,15 @@ def _sections(run: dict) -> tuple[str, list[tuple[str, list[tuple]]]]:
     return f"Privet run report: {run['name']}", [(h, [b for b in blocks if not empty(b)]) for h, blocks in sections]
 
 
-def _overview(run: dict, sites: list[str], last: dict | None, eps: dict[str, dict]) -> list[tuple]:
+def _overview(run: dict, sites: list[str], last: dict | None, eps: dict[str, dict], task) -> list[tuple]:
     config = run["config"]
     planned = config.get("num-server-rounds", "?")
     if last is None:
         return [("p", f"No round has completed yet ({planned} planned).")]
-    text = (f"{len(run['rows'])} of {planned} planned rounds completed with {len(sites)} site(s), aggregation "
-            f"{config.get('aggregation', '?')}. After round {last['round']}: accuracy {_num(last['accuracy'])}, "
-            f"macro-F1 {_num(last['macro_f1'])} ({SOURCES.get(last['global_source'], last['global_source'])}).")
+    scores = ", ".join(f"{LABELS[key]} {_num(last.get(key))}" for key in task.score_keys)
+    text = (f"{task.name}: {len(run['rows'])} of {planned} planned rounds completed with {len(sites)} site(s), "
+            f"aggregation {config.get('aggregation', '?')}. After round {last['round']}: {scores} "
+            f"({SOURCES.get(last['global_source'], last['global_source'])}).")
     spent = [e["epsilon"] for e in eps.values() if e["epsilon"] is not None]
     if not config.get("dp", True):
         text += " Trained WITHOUT differential privacy (dp=false)."
@@ -107,50 +112,55 @@ def _overview(run: dict, sites: list[str], last: dict | None, eps: dict[str, dic
     return [("p", text)]
 
 
-def _global(rows: list[dict]) -> list[tuple]:
+def _global(rows: list[dict], task) -> list[tuple]:
     if not rows:
         return [("p", "No metrics yet (metrics.jsonl is empty or absent).")]
-    series = {"accuracy": [row["accuracy"] for row in rows], "macro-F1": [row["macro_f1"] for row in rows]}
+    series = {LABELS[key]: [row.get(key) for row in rows] for key in task.score_keys}
     png = _plot("Global scores per round", "score", [row["round"] for row in rows], series, ylim=(0, 1))
-    table = [[row["round"], _num(row["accuracy"]), _num(row["macro_f1"]),
+    table = [[row["round"], *(_num(row.get(key)) for key in task.score_keys),
               SOURCES.get(row["global_source"], row["global_source"]), row.get("aggregated_sites", "–"),
               _num(row.get("seconds"), 1)] for row in rows]
-    return [("img", "global", png, "Global accuracy and macro-F1 per round"),
-            ("table", ["round", "accuracy", "macro-F1", "scored on", "sites aggregated", "seconds"], table)]
+    head = ["round", *(LABELS[key] for key in task.score_keys), "scored on", "sites aggregated", "seconds"]
+    return [("img", "global", png, "Global scores per round"), ("table", head, table)]
 
 
-def _per_site(rows: list[dict], sites: list[str], last: dict | None) -> list[tuple]:
+def _per_site(rows: list[dict], sites: list[str], last: dict | None, task) -> list[tuple]:
     if last is None:
         return [("p", "No rounds yet.")]
-    table = [[s["site"], s["status"], s.get("examples", 0), _num(s.get("loss")), _num(s.get("accuracy")),
-              _num(s.get("macro_f1")), s.get("eval_examples", 0), _num(s.get("epsilon"))] for s in last["sites"]]
-    series = {site: [_site(row, site).get("macro_f1") for row in rows] for site in sites}
-    png = _plot("Validation macro-F1 per site", "macro-F1", [row["round"] for row in rows], series, ylim=(0, 1))
-    return [("p", f"Round {last['round']} (the last completed). Scores are on each site's own validation split."),
-            ("table", ["site", "status", "training examples", "mean training loss", "validation accuracy",
-                       "validation macro-F1", "validation examples", "ε so far"], table),
-            ("img", "sites", png, "Each site's validation macro-F1 per round")]
+    table = [[s["site"], s["status"], s.get("examples", 0), *(_num(s.get(key)) for key in task.score_keys),
+              s.get("eval_examples", 0), _num(s.get("epsilon"))] for s in last["sites"]]
+    series = {site: [_site(row, site).get(task.primary) for row in rows] for site in sites}
+    png = _plot(f"Validation {LABELS[task.primary]} per site", LABELS[task.primary], [row["round"] for row in rows],
+                series, ylim=(0, 1))
+    return [("p", f"Round {last['round']} (the last completed). Scores are on each site's own validation split and "
+                  "carry the site's DP noise; example counts are the sites' public (declared or DP-noised) counts."),
+            ("table", ["site", "status", "training examples (public)",
+                       *(f"validation {LABELS[key]}" for key in task.score_keys), "validation examples (noisy)",
+                       "ε so far"], table),
+            ("img", "sites", png, f"Each site's validation {LABELS[task.primary]} per round")]
 
 
 def _site(row: dict, site: str) -> dict:
     return next((s for s in row["sites"] if s["site"] == site), {})
 
 
-def _scores(row: dict) -> dict[str, float]:
-    return {s["site"]: s["macro_f1"] for s in row["sites"] if s.get("macro_f1") is not None}
+def _scores(row: dict, key: str) -> dict[str, float]:
+    return {s["site"]: s[key] for s in row["sites"] if s.get(key) is not None}
 
 
-def _fairness(rows: list[dict], last: dict | None) -> list[tuple]:
-    fair = fairness(_scores(last)) if last else {}
+def _fairness(rows: list[dict], last: dict | None, task) -> list[tuple]:
+    key, name = task.primary, LABELS[task.primary]
+    fair = fairness(_scores(last, key)) if last else {}
     if not fair:
         return [("p", "No site reported validation scores, so fairness cannot be assessed.")]
-    text = (f"Round {last['round']}: the worst site is {fair['worst_site']} with macro-F1 {_num(fair['worst'])}; "
-            f"the mean over {len(_scores(last))} site(s) is {_num(fair['mean'])}, a gap of {_num(fair['gap'])}.")
+    text = (f"Round {last['round']}: the worst site is {fair['worst_site']} with {name} {_num(fair['worst'])}; "
+            f"the mean over {len(_scores(last, key))} site(s) is {_num(fair['mean'])}, a gap of {_num(fair['gap'])}. "
+            "Site scores are DP-noised, so small gaps may be noise.")
     table = []
     for row in rows:
-        f = fairness(_scores(row))
+        f = fairness(_scores(row, key))
         table.append([row["round"], f.get("worst_site", "–"), *(_num(f.get(k)) for k in ("worst", "mean", "gap"))])
-    return [("p", text), ("table", ["round", "worst site", "worst macro-F1", "mean site macro-F1", "gap"], table)]
+    return [("p", text), ("table", ["round", "worst site", f"worst {name}", f"mean site {name}", "gap"], table)]
 
 
 def _final_epsilon(run: dict, sites: list[str]) -> dict[str, dict]:
@@ -168,10 +178,11 @@ def _final_epsilon(run: dict, sites: list[str]) -> dict[str, dict]:
         epsilon = ledger.get("epsilon")
         if epsilon is None and ledger.get("non_private_rounds"):
             epsilon = math.inf  # the ledger writes a non-private ε as null
-        this_run = sum(1 for r in ledger.get("rounds", []) if r.get("run") == run["name"])
+        trained = [r for r in ledger.get("rounds", []) if r.get("kind", "train") == "train"]
+        this_run = sum(1 for r in trained if r.get("run") == run["name"])
         out[site] = {"epsilon": epsilon, "accountant": ledger.get("accountant"), "delta": ledger.get("delta"),
                      "reported": last,
-                     "source": f"ledger ({this_run} round(s) of this run, {len(ledger.get('rounds', []))} in all)"}
+                     "source": f"ledger ({this_run} training round(s) of this run, {len(trained)} in all)"}
     return out
 
 
@@ -205,14 +216,19 @@ def _epsilon(rows: list[dict], sites: list[str], eps: dict[str, dict], config: d
     return blocks
 
 
-def _classification(final: dict | None) -> list[tuple]:
+def _classification(final: dict | None, task) -> list[tuple]:
     if not final:
-        return [("p", "No final evaluation: final_evaluation.json is absent (the run has no central test split, "
-                      "or it has not finished).")]
+        return [("p", "No final evaluation: final_evaluation.json is absent (the run has no test set on the "
+                      "server, or it has not finished).")]
+    scores = ", ".join(f"{LABELS[key]} {_num(final.get(key))}" for key in task.score_keys)
+    text = f"The final adapter on the held-back test set ({final.get('test_examples', '?')} examples): {scores}."
+    if "per_type" in final:
+        table = [[name, *(_num(v.get(k)) for k in ("precision", "recall", "f1-score")), int(v.get("support", 0))]
+                 for name, v in final["per_type"].items() if isinstance(v, dict)]
+        return [("p", text + " Entity-level, strict IOB2 matching (seqeval)."),
+                ("table", ["entity type", "precision", "recall", "F1", "support"], table)]
     table = [[name, *(_num(v.get(k)) for k in ("precision", "recall", "f1-score")), int(v.get("support", 0))]
              for name, v in final.get("per_class", {}).items() if isinstance(v, dict)]
-    text = (f"The final adapter on the held-back test split ({final.get('test_examples', '?')} examples): "
-            f"accuracy {_num(final.get('accuracy'))}, macro-F1 {_num(final.get('macro_f1'))}.")
     return [("p", text), ("table", ["class", "precision", "recall", "F1", "support"], table)]
 
 
@@ -222,7 +238,7 @@ def _incidents(rows: list[dict]) -> list[tuple]:
         for s in row["sites"]:
             if s["status"] != "trained":
                 table.append([row["round"], s["site"], s["status"], s.get("reason") or "–"])
-            elif s.get("accuracy") is None:
+            elif s.get("eval_examples", 0) == 0:
                 table.append([row["round"], s["site"], "no validation scores",
                               "its evaluation reply was missing or rejected"])
     if not table:
@@ -245,11 +261,19 @@ def _transparency(config: dict, eps: dict[str, dict], central: str | None) -> li
         tensors = "the LoRA B matrices (LoRA A is frozen at a seed shared by all sites and never sent)"
     else:
         tensors = "the LoRA A and B matrices"
-    left = [f"The adapter's trainable tensors: {tensors} and the classification head. No base-model weights.",
-            "Each round it trained: the number of training examples, the mean training loss and ε spent so far.",
-            "Each round it evaluated: aggregate validation scores (loss, accuracy, macro-F1) and the number of "
-            "validation examples.",
-            "Never text, labels or per-example values."]
+    noise = config.get("eval-noise-multiplier", "?")
+    left = [f"The adapter's trainable tensors: {tensors} and the task head, after DP-SGD. No base-model weights. "
+            "Inside ε.",
+            "Each round it trained: its example count (the number its policy declares public, or a count with "
+            "Gaussian noise of multiplier 20 released once per run and charged to its ledger), the number of "
+            "DP-SGD steps (derived from that count) and ε spent so far (derived from the ledger). Inside ε or "
+            "declared public.",
+            f"Each round it evaluated (at most once; a policy may switch evaluation off): validation scores "
+            f"and the validation count, computed from per-example counts summed with Gaussian noise (noise "
+            f"multiplier {noise}) and charged to its ledger. Inside ε.",
+            "Whether it took part, and the reason when it declined (a policy, its budget, or 'cannot use its data'). "
+            "Public.",
+            "Never text, labels, per-example values or the training loss."]
     if config.get("secure-aggregation"):
         left.append("Secure aggregation was on: the server saw only the sum of the sites' adapters, never one site's.")
     private = config.get("dp", True)
@@ -272,8 +296,8 @@ def _transparency(config: dict, eps: dict[str, dict], central: str | None) -> li
         table.append([site, kind, e["accountant"] or "not reported", delta, _num(e["epsilon"])])
     caveats = ["A person with several records is protected per record, not per person: their k records together "
                "get only about k·ε. Per-person sampling is not built yet.",
-               "Example counts, mean training losses and aggregate validation scores are released without DP noise; "
-               "they are outside the ε above.",
+               "Simulated sites (privet simulate) keep their ledgers in the run directory: a new run starts them "
+               "at ε=0. Real sites keep one ledger across all runs.",
                NOISE_RNG_NOTE]
     return [("p", "What left each site, and nothing else:"), ("list", left),
             ("p", "The guarantee each site has:"), ("p", guarantee), *([("p", central)] if central else []),

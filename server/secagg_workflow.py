@@ -13,6 +13,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 
+from common import secure_wire as wire
 from server.strategy import safe_text
 
 def run_id_of(grid) -> int:
@@ -80,8 +81,9 @@ class WatchedGrid:
     worse, being broadcast into the sum.
     """
 
-    def __init__(self, grid, nodes: set[int], *, shapes, modulus_range: int, max_weight: float):
+    def __init__(self, grid, nodes: set[int], *, shapes, modulus_range: int, max_weight: float, identities):
         self._grid = grid
+        self.identities = identities
         self.nodes = nodes
         self.shapes = [tuple(s) for s in shapes]
         self.modulus_range = modulus_range
@@ -102,10 +104,15 @@ class WatchedGrid:
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 self.dropped[msg.metadata.dst_node_id] = f"stage {self.stage}: no reply within {timeout}s"
+        refused = self._refused_identities(replies) if self.stage == Stage.COLLECT_MASKED_VECTORS else {}
         kept = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if node not in self.nodes:
+                continue
+            if node in refused:
+                # Dropped before the sum: SecAgg+ then removes this node's masks like a dropout's.
+                self.dropped[node] = f"stage {self.stage}: reply rejected: {refused[node]}"
                 continue
             if msg.has_error():
                 self.dropped[node] = f"stage {self.stage}: error reply: {_short_reason(msg.error.reason)}"
@@ -119,6 +126,21 @@ class WatchedGrid:
                 self.collected[node] = msg
             kept.append(msg)
         return kept
+
+    def _refused_identities(self, replies: list[Message]) -> dict[int, str]:
+        """Judge the site ids the masked-vector replies name against the nodes' bound identities."""
+        claims = {}
+        for msg in replies:
+            if msg.has_error() or msg.metadata.src_node_id not in self.nodes:
+                continue
+            try:
+                metrics = compat.recorddict_to_fitres(msg.content, keep_input=True).metrics
+            except (KeyError, TypeError, ValueError):
+                continue  # malformed: _problem sets it aside
+            claimed = metrics.get(wire.SITE_ID)
+            node = msg.metadata.src_node_id
+            claims[node] = claimed if isinstance(claimed, str) and claimed.isprintable() else f"node-{node}"
+        return self.identities.judge(claims)[1]
 
     def _problem(self, msg: Message) -> str | None:
         try:

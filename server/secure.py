@@ -46,13 +46,13 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from common import secure_wire as wire
 from common import adapters
+from server.identity import SiteIdentities
 from server.secagg_workflow import OneRound, PatchedSecAggPlus, WatchedGrid, run_id_of
 from server.strategy import safe_text
 
 log = logging.getLogger("flwr.privet.server")
 
 DEFAULT_CLIPPING_RANGE = 8.0
-DEFAULT_INITIAL_MAX_WEIGHT = 10_000
 MODULUS_RANGE = 2**32
 
 
@@ -107,7 +107,7 @@ class SecureRound:
         if self.arrays is None:
             raise SecureAggregationError(f"round {self.server_round} has no aggregate: {self.failure}")
         metrics = {"num-examples": self.examples}
-        for key in ("loss", "steps"):
+        for key in ("steps",):
             values = [(m[key], m.get("num-examples", 1)) for m in self.trained.values() if key in m]
             if values:
                 metrics[key] = float(sum(v * w for v, w in values) / sum(w for _, w in values))
@@ -141,15 +141,14 @@ class SecureRound:
 
 
 class SecureAggregation:
-    """Runs SecAgg+ training rounds; keeps the max weight it learns from one round to the next.
+    """Runs SecAgg+ training rounds with settings fixed by the server's config, never learnt from a site's claim.
 
+    max_weight: the largest FedAvg weight (example count) a site may carry (``max-site-weight``); a
+        site with more is weighed as this.
     clipping_range: each delta coordinate is clipped to ±this at the site before quantization.
         Adam moves a coordinate by about the learning rate per step, so the default 8.0 is far
-        above any sane round (lr 5e-3 would need ~1,600 steps); sites report how many
-        coordinates they clipped (``privet-secagg-clipped``).
-    max_weight: the largest FedAvg weight (example count) a site may carry; a site with more is
-        weighed as this. Pass ``max-examples-per-site`` when it is set (a true bound). None: the
-        first round uses `initial_max_weight`, later rounds the largest count seen so far.
+        above any sane round (lr 0.02 would need ~400 steps); a site logs what it clipped, but
+        does not send it: that would describe its update.
     reconstruction_threshold: Shamir threshold; default a strict majority of the round's sites.
     quantization_range: default the largest safe power of two for the round's number of sites.
     max_update_norm: when > 0, each site scales its delta to at most this L2 norm (enforced by
@@ -157,42 +156,38 @@ class SecureAggregation:
     timeout: seconds to wait for replies in each of the four stages (None: forever).
     min_sites: fewer sampled sites and the round is refused (with two, each site could subtract
         its own update from the mean and read the other's).
+    identities: binds nodes to sites; a node whose masked vector names another site's id is
+        dropped from the protocol, so its update never enters the sum.
     """
 
     def __init__(
         self,
         *,
+        max_weight: int,
         clipping_range: float = DEFAULT_CLIPPING_RANGE,
-        max_weight: int | None = None,
-        initial_max_weight: int = DEFAULT_INITIAL_MAX_WEIGHT,
         reconstruction_threshold: int | None = None,
         quantization_range: int | None = None,
         modulus_range: int = MODULUS_RANGE,
         max_update_norm: float = 0.0,
         timeout: float | None = None,
         min_sites: int = 3,
+        identities: SiteIdentities | None = None,
     ):
         if not clipping_range > 0:
             raise SecureAggregationError(f"clipping range {clipping_range} must be positive")
-        if max_weight is not None and max_weight < 1:
+        if max_weight < 1:
             raise SecureAggregationError(f"max weight {max_weight} must be at least 1")
         if min_sites < 2:
             raise SecureAggregationError("secure aggregation needs at least 2 sites")
         self.clipping_range = float(clipping_range)
-        self.max_weight = max_weight
-        self._learnt_max_weight: int | None = None
-        self.initial_max_weight = int(initial_max_weight)
+        self.max_weight = int(max_weight)
         self.reconstruction_threshold = reconstruction_threshold
         self.quantization_range = quantization_range
         self.modulus_range = int(modulus_range)
         self.max_update_norm = float(max_update_norm)
         self.timeout = timeout
         self.min_sites = int(min_sites)
-
-    def current_max_weight(self) -> int:
-        if self.max_weight is not None:
-            return int(self.max_weight)
-        return self._learnt_max_weight or self.initial_max_weight
+        self.identities = identities if identities is not None else SiteIdentities()
 
     def exchange(self, grid, messages: Iterable[Message]) -> SecureRound:
         """Run one SecAgg+ training round over the train messages a strategy's ``configure_train`` built."""
@@ -223,7 +218,7 @@ class SecureAggregation:
             raise SecureAggregationError(
                 f"{m} sites × quantization range {q_range} could wrap around the modulus {self.modulus_range}"
             )
-        max_weight = self.current_max_weight()
+        max_weight = self.max_weight
         outcome.protocol = {
             "sites": m, "threshold": threshold, "tolerated_dropouts": m - threshold,
             "clipping_range": self.clipping_range, "quantization_range": q_range,
@@ -245,7 +240,7 @@ class SecureAggregation:
         global_arrays = {key: first["arrays"][key].numpy() for key in keys}
 
         watched = WatchedGrid(grid, set(nodes), shapes=[(1,), *shapes.values()],
-                               modulus_range=self.modulus_range, max_weight=max_weight)
+                               modulus_range=self.modulus_range, max_weight=max_weight, identities=self.identities)
         strategy = OneRound(fitins, watched)
         client_manager = SimpleClientManager()
         for proxy in strategy.proxies.values():
@@ -278,16 +273,12 @@ class SecureAggregation:
         for proxy, fitres in strategy.results:
             node = proxy.node_id
             metrics = dict(fitres.metrics)
-            site = str(metrics.pop(wire.SITE_ID, "") or "")
-            if site:
-                outcome.site_ids[node] = site
+            metrics.pop(wire.SITE_ID, None)
+            outcome.site_ids[node] = self.identities.name(node)  # verified when its masked vector arrived
             if wire.DECLINE in metrics:
                 outcome.declined[node] = safe_text(metrics[wire.DECLINE])
             else:
                 outcome.trained[node] = metrics
-        seen = [int(m_.get("num-examples", 0)) for m_ in outcome.trained.values()]
-        if seen and self.max_weight is None:
-            self._learnt_max_weight = max([*seen, self._learnt_max_weight or 0])
         outcome.examples = int(sum(fitres.num_examples for _, fitres in strategy.results))
         if strategy.parameters is None:
             outcome.failure = f"secure aggregation halted at stage {watched.stage!r}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,12 +26,19 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common import adapters
 from common.config import RunConfig
+from server.identity import SiteIdentities
 
 log = logging.getLogger("flwr.privet.server")
 
-TRAIN_METRICS = ("num-examples", "loss", "steps")
-EVAL_METRICS = ("num-examples", "loss", "accuracy", "macro_f1")
+TRAIN_METRICS = ("num-examples", "steps", "server-round")
+# An update more than this many times the round's median update norm is set aside (robust to a minority of rogues).
+RELATIVE_NORM_BOUND = 4.0
 MAX_TEXT = 300
+
+
+def eval_metrics(task) -> tuple[str, ...]:
+    """What a site's evaluation reply must carry for this task."""
+    return ("num-examples", "server-round", *task.score_keys)
 
 
 def make_strategy(config: RunConfig, central_state: dict | None = None) -> Aggregator:
@@ -145,15 +151,14 @@ class Aggregator(Strategy):
 
 
 def _aggregation_copy(msg: Message, uniform_weights: bool = False) -> Message:
-    """A screened training reply reduced to its adapter and the metrics every site sends, sharing the tensors.
+    """A screened training reply reduced to its adapter and its weight, sharing the tensors.
 
     With `uniform_weights` every site counts once (central DP's sensitivity assumes it).
     """
     if msg.has_error():
         return msg
-    metrics = {key: msg.content["metrics"][key] for key in TRAIN_METRICS}
-    if uniform_weights:
-        metrics["num-examples"] = 1
+    # Only the weight: Flower's strategies average every metric and stop at keys that differ between replies.
+    metrics = {"num-examples": 1 if uniform_weights else msg.content["metrics"]["num-examples"]}
     content = RecordDict({"arrays": ArrayRecord(dict(msg.content["arrays"].items())), "metrics": MetricRecord(metrics)})
     return make_message(msg.metadata, content)
 
@@ -166,16 +171,30 @@ class Screened:
     declined: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     sites: dict[int, str] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)  # update L2 norm of each accepted training reply
+
+    def median_norm(self) -> float | None:
+        return float(np.median(list(self.norms.values()))) if self.norms else None
 
 
-def site_of(msg: Message) -> str:
-    """The site id a reply names, or its node id when it names none (or an unprintable one)."""
-    site = None
-    if not msg.has_error() and "site" in msg.content.config_records:
-        site = msg.content["site"].get("site-id")
-    if isinstance(site, str) and 0 < len(site) <= 100 and site.isprintable():
-        return site
-    return f"node-{msg.metadata.src_node_id}"
+@dataclass(frozen=True)
+class Rules:
+    """What a reply must satisfy to count in this round: its round, metrics, weight, scores and update size."""
+
+    server_round: int
+    required_metrics: tuple[str, ...]
+    max_weight: int
+    score_keys: tuple[str, ...] = ()  # each must lie in [0, 1]
+    spec: Mapping[str, tuple[int, ...]] | None = None  # the adapter a training reply must carry
+    global_arrays: ArrayRecord | None = None
+    norm_ceiling: float = math.inf
+    reference_norm: float | None = None  # an earlier round's median, for rounds with too few updates of their own
+
+
+def claimed_site(msg: Message) -> str:
+    """The site id a reply names ('' when it names none or an unprintable one)."""
+    site = msg.content["site"].get("site-id") if "site" in msg.content.config_records else None
+    return site if isinstance(site, str) and 0 < len(site) <= 100 and site.isprintable() else ""
 
 
 def safe_text(value) -> str:
@@ -184,38 +203,34 @@ def safe_text(value) -> str:
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "..."
 
 
-def screen(
-    replies: Iterable[Message],
-    *,
-    spec: Mapping[str, tuple[int, ...]] | None,
-    required_metrics: tuple[str, ...],
-    global_arrays: ArrayRecord | None = None,
-    max_update_norm: float = 0.0,
-    max_examples: int = 0,
-) -> Screened:
-    """Accept only replies with the expected adapter tensors (when `spec` is given) and sane metrics.
+def screen(replies: Iterable[Message], rules: Rules, identities: SiteIdentities) -> Screened:
+    """Accept only replies from verified sites, for this round, with the expected adapter and sane metrics.
 
-    `max_examples` > 0 bounds the num-examples a site may claim: it weighs the site in FedAvg.
+    A training update whose norm is more than ``RELATIVE_NORM_BOUND`` times the round's median is set
+    aside: honest DP-SGD updates of one round have similar norms, and a median is robust to a minority.
     """
     result = Screened()
     replies = list(replies)
-    claims = Counter(site_of(msg) for msg in replies)
+    claims = {msg.metadata.src_node_id: claimed_site(msg) or f"node-{msg.metadata.src_node_id}"
+              for msg in replies if not msg.has_error()}
+    verified, refused = identities.judge(claims)
+    candidates: list[tuple[str, Message]] = []
     for msg in replies:
-        site = site_of(msg)
-        result.sites[msg.metadata.src_node_id] = site
+        node = msg.metadata.src_node_id
         if msg.has_error():
-            result.rejected[site] = f"error reply: {safe_text(msg.error.reason)}"
-        elif claims[site] > 1:
-            # Which node really is the site cannot be told apart here, so none of them is trusted.
-            result.rejected[site] = f"site id claimed by {claims[site]} nodes in one round; all their replies set aside"
-        elif "decline" in msg.content:
+            result.rejected[identities.name(node)] = f"error reply: {safe_text(msg.error.reason)}"
+            continue
+        if node in refused:
+            result.rejected[identities.name(node)] = refused[node]
+            continue
+        site = result.sites[node] = verified[node]
+        if "decline" in msg.content:
             result.declined[site] = safe_text(msg.content["decline"].get("reason", "no reason given"))
+        elif problem := _problem(msg, rules):
+            result.rejected[site] = problem
         else:
-            problem = _problem(msg, spec, required_metrics, global_arrays, max_update_norm, max_examples)
-            if problem:
-                result.rejected[site] = problem
-            else:
-                result.accepted.append(msg)
+            candidates.append((site, msg))
+    _screen_norms(candidates, rules, result)
     for site, reason in result.declined.items():
         log.warning("%s declined: %s", site, reason)
     for site, reason in result.rejected.items():
@@ -223,35 +238,57 @@ def screen(
     return result
 
 
-def _problem(msg, spec, required_metrics, global_arrays, max_update_norm, max_examples) -> str | None:
+def _screen_norms(candidates: list[tuple[str, Message]], rules: Rules, result: Screened) -> None:
+    if rules.spec is None or rules.global_arrays is None:
+        result.accepted.extend(msg for _, msg in candidates)
+        return
+    norms = {site: update_norm(msg.content["arrays"], rules.global_arrays) for site, msg in candidates}
+    reference = float(np.median(list(norms.values()))) if len(norms) >= 3 else rules.reference_norm
+    for site, msg in candidates:
+        norm = norms[site]
+        if norm > rules.norm_ceiling:
+            result.rejected[site] = f"update L2 norm {norm:.3g} exceeds the ceiling {rules.norm_ceiling:.3g}"
+        elif reference and norm > RELATIVE_NORM_BOUND * reference:
+            whose = "round's" if len(norms) >= 3 else "earlier rounds'"
+            result.rejected[site] = (f"update L2 norm {norm:.3g} is more than {RELATIVE_NORM_BOUND:g}× the {whose} "
+                                     f"median {reference:.3g}")
+        else:
+            result.accepted.append(msg)
+            result.norms[site] = norm
+
+
+def _problem(msg: Message, rules: Rules) -> str | None:
     content = msg.content
     if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
         return "reply has no single 'metrics' record"
     metrics = content["metrics"]
-    missing = [key for key in required_metrics if key not in metrics]
+    missing = [key for key in rules.required_metrics if key not in metrics]
     if missing:
         return f"metrics lack {', '.join(missing)}"
     # All of them, not just the required ones: the report reads optional metrics such as epsilon.
     for key, value in metrics.items():
         if isinstance(value, list) or not math.isfinite(value):
             return f"metric {safe_text(key)} is not a finite number"
+    if metrics["server-round"] != rules.server_round:
+        return f"the reply is for round {metrics['server-round']:g}, not round {rules.server_round}"
     examples = metrics["num-examples"]
     if not float(examples).is_integer() or examples < 1:
         return "num-examples must be a positive whole number"
-    if max_examples and examples > max_examples:
-        return f"num-examples {examples:g} exceeds max-examples-per-site={max_examples}"
-    if spec is None:
+    if examples > rules.max_weight:
+        return f"num-examples {examples:g} exceeds max-site-weight={rules.max_weight}"
+    for key in rules.score_keys:
+        if not 0 <= metrics[key] <= 1:
+            return f"score {key}={metrics[key]:g} is outside [0, 1]"
+    if "epsilon" in metrics and metrics["epsilon"] < 0:
+        return "epsilon must not be negative"
+    if rules.spec is None:
         return None
     if len(content.array_records) != 1 or "arrays" not in content.array_records:
         return "reply has no single 'arrays' record"
     try:
-        adapters.check_record(content["arrays"], spec)
+        adapters.check_record(content["arrays"], rules.spec)
     except adapters.UpdateError as err:
         return str(err)
-    if max_update_norm > 0 and global_arrays is not None:
-        norm = update_norm(content["arrays"], global_arrays)
-        if norm > max_update_norm:
-            return f"update L2 norm {norm:.3g} exceeds the bound {max_update_norm}"
     return None
 
 

@@ -42,6 +42,9 @@ SCENARIOS = [
 RESULTS: dict = {}
 
 
+MAX_WEIGHT = 50  # the server's fixed max-site-weight for the numpy scenarios (sites hold 10-40 examples)
+
+
 def examples(partition: int) -> int:
     return 10 * (partition + 1)
 
@@ -97,7 +100,7 @@ def numpy_train(msg: Message, context: Context) -> Message:
     new = {
         key: (arrays[key].numpy() + fake_delta(partition, server_round, key)).astype(np.float32) for key in SHAPES
     }
-    metrics = MetricRecord({"num-examples": examples(partition), "loss": 1.0 + partition, "steps": 3})
+    metrics = MetricRecord({"num-examples": examples(partition), "steps": 3})
     content = RecordDict(
         {"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}), "metrics": metrics,
          "site": ConfigRecord({"site-id": site})}
@@ -118,7 +121,7 @@ def numpy_rounds(grid: Grid) -> None:
     rng = np.random.default_rng(0)
     arrays = ArrayRecord({k: Array(rng.normal(0, 0.5, s).astype(np.float32)) for k, s in SHAPES.items()})
     strategy = FedAvg(fraction_train=1.0, min_train_nodes=4, min_available_nodes=4)
-    secure = SecureAggregation(timeout=120)
+    secure = SecureAggregation(timeout=120, max_weight=MAX_WEIGHT)
     adam = FedAdam(fraction_train=1.0, min_train_nodes=4, min_available_nodes=4, eta=0.1)
     rounds = []
     for server_round, (name, _, _) in enumerate(SCENARIOS, 1):
@@ -132,7 +135,7 @@ def numpy_rounds(grid: Grid) -> None:
             for msg in plain
             if not msg.has_error() and "decline" not in msg.content
         }
-        max_weight = secure.current_max_weight()
+        max_weight = secure.max_weight
         outcome = secure.exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
         record = {
             "name": name,
@@ -171,7 +174,7 @@ def privet_round(grid: Grid, context: Context) -> None:
                       "frozen-a": adapters.frozen_fingerprint(model), "test-spy-dir": str(spy),
                       "test-path": "privet"}
     strategy = FedAvg(fraction_train=1.0, min_train_nodes=4, min_available_nodes=4)
-    secure = SecureAggregation(timeout=300, max_weight=config.max_examples_per_site or None)
+    secure = SecureAggregation(timeout=300, max_weight=config.max_site_weight)
     rounds = []
     for server_round in range(1, config.num_server_rounds + 1):
         before = {k: arrays[k].numpy().copy() for k in arrays}

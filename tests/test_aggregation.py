@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.nn.functional import cross_entropy
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 from flwr.supercore.task_identity import TaskIdentity
@@ -230,20 +231,22 @@ def test_proximal_step_is_an_exact_pull_toward_the_round_start(tiny_model_dir_no
     data, lr, mu = make_data(n=16), 0.05, 4.0
     plain, prox = tiny(tiny_model_dir_no_dropout), tiny(tiny_model_dir_no_dropout)
     start = adapters.trainable_state(plain)
-    train_round(plain, data, epochs=1, batch_size=16, learning_rate=lr, dp=None, seed=0)
-    train_round(prox, data, epochs=1, batch_size=16, learning_rate=lr, dp=None, seed=0, proximal_mu=mu)
+    train_round(plain, data, loss_fn=cross_entropy, epochs=1, batch_size=16, learning_rate=lr, dp=None)
+    train_round(prox, data, loss_fn=cross_entropy, epochs=1, batch_size=16, learning_rate=lr, dp=None,
+                proximal_mu=mu)
     after_plain, after_prox = adapters.trainable_state(plain), adapters.trainable_state(prox)
     for key, value in after_plain.items():
         torch.testing.assert_close(after_prox[key], value - lr * mu * (value - start[key]), atol=1e-6, rtol=1e-5)
 
 
 def test_proximal_step_keeps_dp_training_closer_to_the_global_weights(tiny_model_dir):
-    data, dp = make_data(n=48), DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+    data, dp = make_data(n=48), DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1 / 6)
     distances = {}
     for mu in (0.0, 10.0):
         model = tiny(tiny_model_dir)
         anchor = adapters.trainable_state(model)
         torch.manual_seed(0)
-        train_round(model, data, epochs=2, batch_size=8, learning_rate=0.02, dp=dp, seed=0, proximal_mu=mu)
+        train_round(model, data, loss_fn=cross_entropy, epochs=2, batch_size=8, learning_rate=0.02, dp=dp,
+                    proximal_mu=mu)
         distances[mu] = _distance(model, anchor)
     assert 0 < distances[10.0] < 0.7 * distances[0.0]

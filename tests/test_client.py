@@ -46,7 +46,7 @@ def write_policy(tmp_path, data, models, cap=2.0, max_rounds=3):
 def message(overrides, tiny_model_dir, server_round=1, kind=MessageType.TRAIN, frozen_a=""):
     ffa = RunConfig.from_mapping(get_fused_config_from_dir(ROOT, overrides)).aggregation == "ffa-lora"
     model = build_model(str(tiny_model_dir), len(LABELS), lora_r=8, lora_alpha=16, ffa=ffa, seed=42)
-    config = {"run-name": "r1", "runs-dir": "/nonexistent", "server-round": server_round, "frozen-a": frozen_a}
+    config = {"run-name": overrides.get("run-name") or "r1", "runs-dir": "/nonexistent", "server-round": server_round, "frozen-a": frozen_a}
     content = RecordDict({"arrays": adapters.to_record(adapters.trainable_state(model)), "config": ConfigRecord(config)})
     return Message(content=content, dst_node_id=7, message_type=kind)
 
@@ -84,22 +84,34 @@ def test_site_refuses_dp_off_when_its_policy_governs(site, tiny_model_dir):
     assert "requires DP" in reply.content["decline"]["reason"]
 
 
-def test_site_refuses_a_round_past_its_cap_and_says_so(site, tiny_model_dir):
-    tmp_path, data, overrides = site
-    policy = write_policy(tmp_path, data, [weights_sha256(str(tiny_model_dir))], cap=2.0, max_rounds=10)
-    # The server asks for a far higher target than the policy's cap, and for more rounds than planned.
-    asked = {**overrides, "target-epsilon": 50.0}
-    epsilons = []
-    for server_round in range(1, 6):
-        reply = train(message(asked, tiny_model_dir, server_round), context(asked, policy))
+def train_rounds(overrides, tiny_model_dir, policy, rounds, evaluate_too=False):
+    """Rounds of one run as the server drives them; the ε each trained round reported, and the last reply."""
+    epsilons, reply = [], None
+    for server_round in rounds:
+        reply = train(message(overrides, tiny_model_dir, server_round), context(overrides, policy))
         if "decline" in reply.content:
             break
         epsilons.append(reply.content["metrics"]["epsilon"])
-    assert epsilons and max(epsilons) <= 2.0
-    assert len(epsilons) == 3  # calibrated for the run's 3 rounds; the 4th would exceed the cap
-    assert "over its cap of 2.0" in reply.content["decline"]["reason"]
+        if evaluate_too:
+            evaluate(message(overrides, tiny_model_dir, server_round, kind=MessageType.EVALUATE),
+                     context(overrides, policy))
+    return epsilons, reply
+
+
+def test_site_refuses_a_round_past_its_cap_and_says_so(site, tiny_model_dir):
+    tmp_path, data, overrides = site
+    policy = write_policy(tmp_path, data, [weights_sha256(str(tiny_model_dir))], cap=2.0, max_rounds=10)
+    # The server asks for a far higher target than the policy's cap, and for a round past its own plan.
+    asked = {**overrides, "target-epsilon": 50.0}
+    epsilons, reply = train_rounds(asked, tiny_model_dir, policy, range(1, 5), evaluate_too=True)
+    assert len(epsilons) == 3 and max(epsilons) <= 2.0
+    assert "outside this run's num-server-rounds=3" in reply.content["decline"]["reason"]
+    # A new run finds the budget spent: the calibrated plan used it all (training and evaluations).
+    _, reply = train_rounds({**asked, "run-name": "r2"}, tiny_model_dir, policy, [1])
     ledger = json.loads((tmp_path / "state" / "ledger.json").read_text())
-    assert [r["round"] for r in ledger["rounds"]] == [1, 2, 3]
+    assert "decline" in reply.content and ledger["epsilon"] <= 2.0
+    assert [(r["round"], r["kind"]) for r in ledger["rounds"] if r["run"] == "r1"] == [
+        (1, "count"), (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate"), (3, "train"), (3, "evaluate")]
 
 
 def test_rounds_beyond_the_policy_limit_are_declined(site, tiny_model_dir):
@@ -133,5 +145,5 @@ def test_evaluate_returns_only_aggregate_scores(site, tiny_model_dir):
     tmp_path, data, overrides = site
     policy = write_policy(tmp_path, data, [weights_sha256(str(tiny_model_dir))])
     reply = evaluate(message(overrides, tiny_model_dir, kind=MessageType.EVALUATE), context(overrides, policy))
-    assert set(reply.content["metrics"]) == {"num-examples", "loss", "accuracy", "macro_f1"}
+    assert set(reply.content["metrics"]) == {"num-examples", "accuracy", "macro_f1", "epsilon"}
     assert not reply.content.array_records

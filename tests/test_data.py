@@ -275,19 +275,16 @@ def test_dirichlet_partition_refuses_more_sites_than_examples():
         data.dirichlet_partition(np.zeros(3), 4, 1.0, seed=0)
 
 
-def test_split_train_val():
-    train, val = data.split_train_val(100, 0.1, seed=3)
-    assert len(val) == 10 and len(train) == 90
-    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(100))
-    again = data.split_train_val(100, 0.1, seed=3)
-    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
-    assert not np.array_equal(val, data.split_train_val(100, 0.1, seed=4)[1])
-
-
-@pytest.mark.parametrize(("n", "sizes"), [(2, (1, 1)), (5, (4, 1)), (1, (1, 0)), (0, (0, 0))])
-def test_split_train_val_keeps_one_validation_example_when_it_can(n, sizes):
-    train, val = data.split_train_val(n, 0.05, seed=0)
-    assert (len(train), len(val)) == sizes
+def test_split_train_val_is_by_content_not_by_row_order_or_seed():
+    keys = [f"complaint number {i}" for i in range(2000)]
+    train, val = data.split_train_val(keys, 0.1)
+    assert 150 < len(val) < 250 and len(train) + len(val) == 2000
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(2000))
+    in_val = {keys[i] for i in val}
+    # Reordered, or with other records added, every record keeps its side.
+    shuffled = list(reversed(keys)) + [f"new record {i}" for i in range(50)]
+    _, val_again = data.split_train_val(shuffled, 0.1)
+    assert {shuffled[i] for i in val_again} & set(keys) == in_val
 
 
 def test_check_enough_examples():

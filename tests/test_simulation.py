@@ -2,6 +2,9 @@
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ from peft import PeftModel
 
 from common.model import build_base_model
 from server.simulate import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LABELS = ["card", "loan", "mortgage"]
 WORDS = {"card": "card fee charge fraud", "loan": "loan student debt interest", "mortgage": "mortgage payment late"}
@@ -28,14 +33,19 @@ def write_site_data(path, n=120, seed=0):
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
+    """A 2-site, 2-round run through `python -m server.simulate`, with everything it printed kept in a log."""
     tmp = tmp_path_factory.mktemp("sim")
     data = write_site_data(tmp / "sites.csv")
-    overrides = {
-        "dataset": str(data), "text-column": "text", "label-column": "product", "model": str(tiny_model_dir),
-        "num-server-rounds": 2, "runs-dir": str(tmp / "runs"), "run-name": "tiny", "batch-size": 8,
-        "max-length": 16, "max-examples-per-site": 0, "target-epsilon": 4.0, "learning-rate": 0.02,
-    }
-    simulate(2, overrides, cpus_per_site=1)
+    overrides = (
+        f"dataset='{data}' text-column='text' label-column='product' model='{tiny_model_dir}' num-server-rounds=2 "
+        f"runs-dir='{tmp / 'runs'}' run-name='tiny' batch-size=8 max-length=16 max-examples-per-site=0 "
+        "target-epsilon=4.0 learning-rate=0.02"
+    )
+    log = tmp / "simulation.log"
+    with log.open("w") as out:
+        subprocess.run([sys.executable, "-m", "server.simulate", "--sites", "2", "--cpus-per-site", "1",
+                        "--run-config", overrides], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=True,
+                       timeout=600)
     return tmp / "runs" / "tiny", tiny_model_dir
 
 
@@ -47,7 +57,7 @@ def test_metrics_log_has_one_row_per_round_with_every_site(finished_run):
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
         assert {site["site"] for site in row["sites"]} == {"site-0", "site-1"}
         for site in row["sites"]:
-            assert site["examples"] > 0 and site["loss"] > 0
+            assert site["examples"] > 0 and "loss" not in site  # the training loss never leaves a site
             assert 0.0 <= site["accuracy"] <= 1.0 and 0.0 <= site["macro_f1"] <= 1.0
             assert 0 < site["epsilon"] <= 4.0
 
@@ -70,17 +80,29 @@ def test_each_site_ledger_recomputes_to_the_reported_epsilon(finished_run):
         accountant.history = [tuple(entry) for entry in ledger["history"]]
         recomputed = accountant.get_epsilon(delta=ledger["delta"])
         assert recomputed == pytest.approx(site["epsilon"], rel=1e-9)
-        assert [r["round"] for r in ledger["rounds"]] == [1, 2]
-        # Calibrated for the whole run: the last round lands at (not far under) the target.
+        assert [(r["round"], r["kind"]) for r in ledger["rounds"]] == [
+            (1, "count"), (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+        # Calibrated for the whole run, evaluations included: the last release lands at (not far under) the target.
         assert 4.0 - 0.05 <= recomputed <= 4.0
 
 
-def test_no_raw_text_or_labels_in_the_run_directory(finished_run):
+def test_no_text_or_per_example_label_in_anything_the_run_or_the_sites_wrote(finished_run):
     run, _ = finished_run
-    data = (run.parent.parent / "sites.csv").read_text().splitlines()[1:]
-    texts = {line.rsplit(",", 1)[0] for line in data}
-    logged = "".join(p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl"})
-    assert not any(text in logged for text in texts)
+    rows = (run.parent.parent / "sites.csv").read_text().splitlines()[1:]
+    texts = {line.rsplit(",", 1)[0] for line in rows}
+    labels = [line.rsplit(",", 1)[1] for line in rows]
+    written = [p for p in run.rglob("*") if p.is_file() and p.suffix != ".safetensors"]
+    assert {"metrics.jsonl", "report.html", "report.md", "ledger.json"} <= {p.name for p in written}
+    written.append(run.parent.parent / "simulation.log")
+    everything = "\n".join(p.read_text(errors="ignore") for p in written)
+    assert not [text for text in texts if text in everything]
+    # A leak of labels would be a run of them in data order (as names or as indexes), in any common format.
+    index = {name: i for i, name in enumerate(LABELS)}
+    for start in range(0, len(labels) - 6, 6):
+        window = labels[start:start + 6]
+        for seq in (window, [str(index[name]) for name in window]):
+            for sep in (",", ", ", " ", "\t", '", "', "', '"):
+                assert sep.join(seq) not in everything
 
 
 def test_round_completes_without_a_site_that_crashes_every_other_round(tiny_model_dir, tmp_path):

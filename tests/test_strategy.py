@@ -6,7 +6,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import ConfigError, RunConfig
-from server.strategy import TRAIN_METRICS, make_strategy, screen
+from server.identity import SiteIdentities
+from server.strategy import TRAIN_METRICS, Rules, make_strategy, screen
 
 SPEC = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "classifier.weight": (3,)}
 GLOBAL = {key: np.full(shape, 0.5, dtype=np.float32) for key, shape in SPEC.items()}
@@ -42,8 +43,20 @@ def site_update(node):
     return {key: value + rng.normal(0, 0.1, value.shape).astype(np.float32) for key, value in GLOBAL.items()}
 
 
-def honest_replies():
-    return [reply(node, site_update(node), {"num-examples": n, "loss": 1.0, "steps": 2}) for node, n in HONEST]
+def honest_replies(server_round=1):
+    return [reply(node, site_update(node), {"num-examples": n, "steps": 2, "server-round": server_round})
+            for node, n in HONEST]
+
+
+def rules(**changes):
+    """The training-reply rules a round of a default run applies, here over the small SPEC adapter."""
+    base = {"server_round": 1, "required_metrics": TRAIN_METRICS, "max_weight": 10_000, "spec": SPEC,
+            "global_arrays": record(GLOBAL)}
+    return Rules(**{**base, **changes})
+
+
+def run_screen(replies, identities=None, **changes):
+    return screen(replies, rules(**changes), identities or SiteIdentities())
 
 
 def honest_fedavg():
@@ -87,18 +100,22 @@ ROGUES = {
         _arrays(lambda a: a.update({"layer.lora_B.weight": np.zeros((2, 3), np.float32)})), "has shape (2, 3)"
     ),
     "wrong dtype": (_arrays(lambda a: a.update({k: v.astype(np.float64) for k, v in a.items()})), "dtype float64"),
-    "huge norm": (lambda arrays, metrics: None, "exceeds the bound 5.0"),
+    "huge norm": (lambda arrays, metrics: None, "more than 4× the round's median"),
     "zero examples": (_set("num-examples", 0), "num-examples must be a positive whole number"),
     "negative examples": (_set("num-examples", -40), "num-examples must be a positive whole number"),
     "fractional examples": (_set("num-examples", 2.5), "num-examples must be a positive whole number"),
     "missing num-examples": (_set("num-examples", None), "metrics lack num-examples"),
-    "nan loss": (_set("loss", float("nan")), "metric loss is not a finite number"),
+    "nan epsilon": (_set("epsilon", float("nan")), "metric epsilon is not a finite number"),
     "list epsilon": (_set("epsilon", [1.0, 2.0]), "metric epsilon is not a finite number"),
+    "negative epsilon": (_set("epsilon", -1.0), "epsilon must not be negative"),
+    "inflated examples": (_set("num-examples", 10**9), "num-examples 1e+09 exceeds max-site-weight=10000"),
+    "replayed round": (_set("server-round", 0), "the reply is for round 0, not round 1"),
+    "missing round": (_set("server-round", None), "metrics lack server-round"),
 }
 
 
 def rogue_reply(case):
-    arrays, metrics = rogue_arrays(), {"num-examples": 1_000, "loss": 0.1, "steps": 2}
+    arrays, metrics = rogue_arrays(), {"num-examples": 1_000, "steps": 2, "server-round": 1}
     mutate, _ = ROGUES[case]
     mutate(arrays, metrics)
     return reply(ROGUE_NODE, arrays, metrics)
@@ -114,17 +131,14 @@ def assert_honest_fedavg(accepted):
 
 @pytest.mark.parametrize("case", sorted(ROGUES))
 def test_rogue_reply_is_rejected_and_the_honest_sites_are_averaged(case):
-    replies = [*honest_replies(), rogue_reply(case)]
-    result = screen(
-        replies, spec=SPEC, required_metrics=TRAIN_METRICS, global_arrays=record(GLOBAL), max_update_norm=5.0
-    )
+    result = run_screen([*honest_replies(), rogue_reply(case)])
     assert set(result.rejected) == {f"site-{ROGUE_NODE}"}
     assert ROGUES[case][1] in result.rejected[f"site-{ROGUE_NODE}"]
     assert [m.metadata.src_node_id for m in result.accepted] == [node for node, _ in HONEST]
     assert_honest_fedavg(result.accepted)
 
 
-GOOD_METRICS = {"num-examples": 5, "loss": 1.0, "steps": 1}
+GOOD_METRICS = {"num-examples": 5, "steps": 1, "server-round": 1}
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -135,7 +149,7 @@ GOOD_METRICS = {"num-examples": 5, "loss": 1.0, "steps": 1}
 ])
 def test_replies_missing_a_record_are_rejected(content, needle):
     rogue = Message(content, reply_to=request(ROGUE_NODE))
-    result = screen([*honest_replies(), rogue], spec=SPEC, required_metrics=TRAIN_METRICS, global_arrays=record(GLOBAL))
+    result = run_screen([*honest_replies(), rogue])
     assert needle in result.rejected[f"node-{ROGUE_NODE}"]
     assert_honest_fedavg(result.accepted)
 
@@ -147,49 +161,125 @@ def test_declined_and_error_replies_are_not_aggregated():
         reply_to=request(7),
     )
     failed = Message(Error(code=0, reason="node lost"), reply_to=request(8))
-    result = screen([*honest_replies(), declined, failed], spec=SPEC, required_metrics=TRAIN_METRICS,
-                    global_arrays=record(GLOBAL), max_update_norm=5.0)
+    result = run_screen([*honest_replies(), declined, failed])
     assert result.declined == {"site-7": "over its cap"}
     assert result.rejected == {"node-8": "error reply: node lost"}
     assert len(result.accepted) == len(HONEST)
     assert_honest_fedavg(result.accepted)
 
 
-def test_a_site_claiming_more_examples_than_any_site_may_hold_is_rejected():
-    inflated = reply(ROGUE_NODE, rogue_arrays(), {"num-examples": 10**9, "loss": 0.1, "steps": 2})
-    result = screen([*honest_replies(), inflated], spec=SPEC, required_metrics=TRAIN_METRICS, max_examples=1000)
-    assert "num-examples 1e+09 exceeds max-examples-per-site=1000" in result.rejected[f"site-{ROGUE_NODE}"]
+def test_a_1000x_scaled_honest_update_is_set_aside_by_the_default_screen():
+    scaled = {key: GLOBAL[key] + 1000 * (value - GLOBAL[key]) for key, value in site_update(ROGUE_NODE).items()}
+    rogue = reply(ROGUE_NODE, scaled, {"num-examples": 10, "steps": 2, "server-round": 1})
+    result = run_screen([*honest_replies(), rogue])
+    assert "more than 4× the round's median" in result.rejected[f"site-{ROGUE_NODE}"]
     assert_honest_fedavg(result.accepted)
 
 
-def test_two_nodes_claiming_one_site_id_are_both_set_aside():
-    impostor = reply(ROGUE_NODE, rogue_arrays(), {"num-examples": 10, "loss": 0.1, "steps": 2}, site="site-1")
-    result = screen([*honest_replies(), impostor], spec=SPEC, required_metrics=TRAIN_METRICS)
-    assert "claimed by 2 nodes" in result.rejected["site-1"]
+def test_with_two_sites_the_earlier_rounds_median_and_the_ceiling_still_bound_an_update():
+    two = honest_replies()[:2]
+    scaled = {key: GLOBAL[key] + 50 * (value - GLOBAL[key]) for key, value in site_update(ROGUE_NODE).items()}
+    rogue = reply(ROGUE_NODE, scaled, {"num-examples": 10, "steps": 2, "server-round": 1})
+    reference = run_screen(honest_replies()).median_norm()
+    result = run_screen([two[0], rogue], reference_norm=reference)
+    assert "earlier rounds' median" in result.rejected[f"site-{ROGUE_NODE}"]
+    result = run_screen([two[0], rogue], norm_ceiling=1.0)
+    assert "exceeds the ceiling 1" in result.rejected[f"site-{ROGUE_NODE}"]
+
+
+def test_the_update_ceiling_bounds_what_adam_can_move_in_the_steps_a_site_may_take():
+    from common.train import update_ceiling
+
+    # 3 coordinates moved by the largest Adam step 10 times: exactly at the ceiling.
+    assert update_ceiling(0.01, 10, {"w": (3,)}) == pytest.approx(0.01 * 10 * (0.1 / 0.001**0.5) * 3**0.5)
+
+
+def test_evaluation_replies_with_scores_outside_zero_to_one_or_huge_counts_are_rejected():
+    def evaluation(node, **metrics):
+        base = {"num-examples": 40, "server-round": 1, "accuracy": 0.5, "macro_f1": 0.4}
+        return reply(node, None, {**base, **metrics})
+
+    replies = [evaluation(1), evaluation(2, accuracy=1.5), evaluation(3, num_examples=10**7),
+               evaluation(4, macro_f1=-0.1)]
+    replies[2].content["metrics"]["num-examples"] = 10**7
+    result = screen(replies, Rules(server_round=1, required_metrics=("num-examples", "server-round", "accuracy",
+                                                                     "macro_f1"),
+                                   max_weight=10_000, score_keys=("accuracy", "macro_f1")), SiteIdentities())
+    assert [m.metadata.src_node_id for m in result.accepted] == [1]
+    assert "accuracy=1.5 is outside [0, 1]" in result.rejected["site-2"]
+    assert "exceeds max-site-weight" in result.rejected["site-3"]
+    assert "macro_f1=-0.1" in result.rejected["site-4"]
+
+
+def test_a_node_cannot_take_another_sites_id_once_it_is_bound():
+    identities = SiteIdentities()
+    run_screen(honest_replies(), identities)  # round 1 binds node 1 to site-1, and so on
+    impostor = reply(ROGUE_NODE, rogue_arrays(), {"num-examples": 10, "steps": 2, "server-round": 2}, site="site-1")
+    result = run_screen([*honest_replies(2), impostor], identities, server_round=2)
+    assert result.rejected == {f"node-{ROGUE_NODE}": f"node {ROGUE_NODE} claims site-1, which node 1 already is"}
+    assert_honest_fedavg(result.accepted)
+    # A bound node naming another site is set aside too.
+    turncoat = reply(1, site_update(1), {"num-examples": 10, "steps": 2, "server-round": 2}, site="site-2")
+    result = run_screen([turncoat], identities, server_round=2)
+    assert result.rejected == {"site-1": "node 1 is site-1 but its reply names site-2"}
+
+
+def test_two_new_nodes_claiming_one_site_id_are_both_set_aside():
+    impostor = reply(ROGUE_NODE, rogue_arrays(), {"num-examples": 10, "steps": 2, "server-round": 1}, site="site-1")
+    result = run_screen([*honest_replies(), impostor])
+    assert "claimed by 2 new nodes" in result.rejected["node-1"]
     assert [m.metadata.src_node_id for m in result.accepted] == [2, 3]
 
 
-def test_the_norm_bound_is_off_by_default():
-    replies = [*honest_replies(), rogue_reply("huge norm")]
-    result = screen(replies, spec=SPEC, required_metrics=TRAIN_METRICS, global_arrays=record(GLOBAL))
-    assert not result.rejected and len(result.accepted) == len(HONEST) + 1
+def test_with_a_registry_a_site_is_the_key_it_registered(tmp_path):
+    from types import SimpleNamespace
+
+    from common import pki
+    from server.identity import read_registry
+
+    keys = {}
+    for site in ("site-1", "site-2"):
+        _, public = pki.write_site_keys(tmp_path, site)
+        keys[site] = public
+    (tmp_path / "sites.toml").write_text('[sites]\nsite-1 = "site-1.pub"\nsite-2 = "site-2.pub"\n')
+    identities = SiteIdentities(read_registry(tmp_path / "sites.toml"))
+    pem = {site: _pem(path) for site, path in keys.items()}
+    identities.learn_nodes([SimpleNamespace(node_id=1, public_key=pem["site-1"]),
+                            SimpleNamespace(node_id=2, public_key=pem["site-2"]),
+                            SimpleNamespace(node_id=ROGUE_NODE, public_key=b"")])
+    liar = reply(2, site_update(2), {"num-examples": 20, "steps": 2, "server-round": 1}, site="site-3")
+    stranger = reply(ROGUE_NODE, site_update(ROGUE_NODE), {"num-examples": 20, "steps": 2, "server-round": 1},
+                     site="site-3")
+    result = run_screen([honest_replies()[0], liar, stranger], identities)
+    assert result.sites == {1: "site-1"}
+    assert result.rejected["site-2"] == "node 2 is site-2 but its reply names site-3"
+    assert "has no key in the site registry" in result.rejected[f"node-{ROGUE_NODE}"]
+
+
+def _pem(openssh_path):
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_public_key(openssh_path.read_bytes())
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def test_malformed_site_and_decline_records_do_not_crash_the_server():
-    nameless = reply(4, site_update(4), {"num-examples": 3, "loss": 1.0, "steps": 1})
+    nameless = reply(4, site_update(4), {"num-examples": 3, "steps": 1, "server-round": 1})
     nameless.content["site"] = ConfigRecord({"name": "x"})
-    shouting = reply(5, site_update(5), {"num-examples": 3, "loss": 1.0, "steps": 1}, site="a\nforged log line")
+    shouting = reply(5, site_update(5), {"num-examples": 3, "steps": 1, "server-round": 1}, site="a\nforged log line")
     bare_decline = Message(RecordDict({"decline": ConfigRecord({})}), reply_to=request(6))
     long_decline = Message(RecordDict({"decline": ConfigRecord({"reason": "x" * 10_000})}), reply_to=request(7))
-    result = screen([nameless, shouting, bare_decline, long_decline], spec=SPEC, required_metrics=TRAIN_METRICS)
+    result = run_screen([nameless, shouting, bare_decline, long_decline])
     assert sorted(result.sites.values()) == ["node-4", "node-5", "node-6", "node-7"]
     assert result.declined["node-6"] == "no reason given"
     assert len(result.declined["node-7"]) < 400
     assert len(result.accepted) == 2
 
 
-def test_max_update_norm_is_validated_and_mirrored_in_the_run_config():
-    assert RunConfig().max_update_norm == 0.0
+def test_max_update_norm_and_max_site_weight_are_validated_and_mirrored_in_the_run_config():
+    assert RunConfig().max_update_norm == 0.0 and RunConfig().max_site_weight == 10_000
     assert RunConfig.from_mapping({"max-update-norm": 2}).max_update_norm == 2.0
     with pytest.raises(ConfigError, match=r"max-update-norm=-1.0 is out of range; allowed range: \[0, inf\]"):
         RunConfig.from_mapping({"max-update-norm": -1.0})
+    with pytest.raises(ConfigError, match=r"max-site-weight=0 is out of range"):
+        RunConfig.from_mapping({"max-site-weight": 0})

@@ -1,0 +1,150 @@
+"""A site's privacy decisions for one request, made under the ledger's lock: what to release and what it costs.
+
+Everything a site sends is either inside its ε or declared public by its policy:
+
+* the example count (FedAvg weight, and what the sampling rate and step count derive from): the
+  policy's ``public-example-count``, or a Gaussian-noised count released once per run;
+* the adapter: DP-SGD with the noise calibrated once per plan over all the run's remaining releases;
+* evaluation scores: sums of per-example counts with Gaussian noise, at most one per round.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from client.policy import Declined
+from client.site import SiteTerms
+from common import privacy
+from common.config import RunConfig
+from common.ledger import Ledger
+from common.privacy import Entry
+from common.train import DPSettings
+
+log = logging.getLogger("flwr.privet.site")
+
+# The count's noise: one release per run costs a few thousandths of ε at δ=1e-5, and a sampling
+# rate off by a few percent costs nothing that matters.
+COUNT_NOISE_MULTIPLIER = 20.0
+
+
+@dataclass(frozen=True)
+class RoundRelease:
+    """What a training round may release: its DP-SGD settings (None without DP), the public count, the entry."""
+
+    dp: DPSettings | None
+    public_count: int
+    steps: int
+    entry: Entry | None
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the noise of a run is calibrated for; a change in any field recalibrates the remaining budget."""
+
+    target: float
+    sample_rate: float
+    steps: int  # DP-SGD steps per round
+    eval_noise: float | None  # each round's evaluation release, None when the site does not evaluate
+    accountant: str
+
+    def releases(self, sigma: float, rounds: int) -> list[Entry]:
+        """The entries `rounds` more rounds at noise `sigma` would add to the ledger."""
+        planned = [(sigma, self.sample_rate, self.steps * rounds)]
+        if self.eval_noise is not None:
+            planned.append((self.eval_noise, 1.0, rounds))
+        return planned
+
+
+def release_for_round(
+    ledger: Ledger, *, terms: SiteTerms, config: RunConfig, run: str, server_round: int, examples: int
+) -> RoundRelease:
+    """Decide and record this round's release on the (locked) ledger before any gradient is computed.
+
+    A crash after this point can over-count ε, never under-count it.
+    """
+    if not config.dp:
+        steps = config.local_epochs * privacy.poisson_schedule(examples, config.batch_size)[1]
+        epsilon = ledger.record(run, server_round, "train", None)
+        return RoundRelease(None, examples, steps, None, epsilon)
+    count = _public_count(ledger, terms=terms, run=run, server_round=server_round, examples=examples)
+    if not terms.delta < 1.0 / count:
+        raise Declined(
+            f"{terms.site_id}: δ={terms.delta:g} is not below 1/N for its N≈{count} training records, so one "
+            f"record's leak would fit inside δ; set delta below {1.0 / count:.1e}"
+        )
+    sample_rate, steps_per_epoch = privacy.poisson_schedule(count, config.batch_size)
+    plan = Plan(
+        target=min(config.target_epsilon, terms.epsilon_cap),
+        sample_rate=sample_rate,
+        steps=config.local_epochs * steps_per_epoch,
+        eval_noise=config.eval_noise_multiplier if terms.evaluate else None,
+        accountant=ledger.accountant,
+    )
+    rounds_left = max(1, min(config.num_server_rounds, terms.max_rounds) - server_round + 1)
+    sigma = _noise_for_plan(ledger, run, plan, rounds_left, terms.site_id)
+    entry = (sigma, sample_rate, plan.steps)
+    after = ledger.epsilon_with(entry)
+    if after > terms.epsilon_cap:
+        raise Declined(
+            f"{terms.site_id} has spent ε={ledger.epsilon:.3f}; this round would reach ε={after:.3f}, "
+            f"over its cap of {terms.epsilon_cap}"
+        )
+    epsilon = ledger.record(run, server_round, "train", entry)
+    return RoundRelease(DPSettings(sigma, config.max_grad_norm, sample_rate), count, plan.steps, entry, epsilon)
+
+
+def charge_evaluation(ledger: Ledger, *, terms: SiteTerms, config: RunConfig, run: str, server_round: int) -> float:
+    """Record one evaluation release for this round, or refuse a second one or one past the cap; return ε so far."""
+    if ledger.has(run, server_round, "evaluate"):
+        raise Declined(
+            f"{terms.site_id} already answered an evaluation for round {server_round} of run {run}; "
+            "a site answers one per round"
+        )
+    entry = (config.eval_noise_multiplier, 1.0, 1)
+    after = ledger.epsilon_with(entry)
+    if after > terms.epsilon_cap:
+        raise Declined(
+            f"{terms.site_id} has spent ε={ledger.epsilon:.3f}; evaluating would reach ε={after:.3f}, "
+            f"over its cap of {terms.epsilon_cap}"
+        )
+    return ledger.record(run, server_round, "evaluate", entry)
+
+
+def _public_count(ledger: Ledger, *, terms: SiteTerms, run: str, server_round: int, examples: int) -> int:
+    """The policy's declared count, or this run's DP count (released, and charged, once per run)."""
+    if terms.public_count is not None:
+        return terms.public_count
+    saved = ledger.calibrations.setdefault(run, {})
+    if "public_count" in saved:
+        return int(saved["public_count"])
+    entry = (COUNT_NOISE_MULTIPLIER, 1.0, 1)
+    after = ledger.epsilon_with(entry)
+    if after > terms.epsilon_cap:
+        raise Declined(
+            f"{terms.site_id} has spent ε={ledger.epsilon:.3f}; releasing its example count would reach "
+            f"ε={after:.3f}, over its cap of {terms.epsilon_cap}"
+        )
+    saved["public_count"] = privacy.noisy_count(examples, COUNT_NOISE_MULTIPLIER)
+    ledger.record(run, server_round, "count", entry)
+    return int(saved["public_count"])
+
+
+def _noise_for_plan(ledger: Ledger, run: str, plan: Plan, rounds_left: int, site: str) -> float:
+    """The run's noise multiplier: the saved one while the plan is unchanged and still fits, else recalibrated."""
+    saved = ledger.calibrations.setdefault(run, {})
+    sigma = saved.get("noise_multiplier")
+    if sigma is not None and saved.get("plan") == asdict(plan):
+        if ledger.epsilon_with(*plan.releases(sigma, rounds_left)) <= plan.target + 1e-9:
+            return sigma
+        log.info("%s: the budget left no longer fits the saved plan; recalibrating", site)
+    evaluations = [] if plan.eval_noise is None else [(plan.eval_noise, 1.0, rounds_left)]
+    sigma = privacy.calibrate_noise(
+        plan.target, ledger.delta, plan.sample_rate, rounds_left * plan.steps,
+        prior=ledger.history, also=evaluations, accountant=plan.accountant,
+    )
+    saved.update(noise_multiplier=sigma, plan=asdict(plan), planned_rounds=rounds_left)
+    log.info("%s: noise multiplier %.4f for ε=%s over %d round(s) (sample rate %.4f, %d steps a round)",
+             site, sigma, plan.target, rounds_left, plan.sample_rate, plan.steps)
+    return sigma
