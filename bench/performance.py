@@ -1,4 +1,4 @@
-"""Privet's performance benchmark: P1–P6 (and P7 where a GPU is present), side by side on this machine.
+"""Privet's performance benchmark: P1–P6 and P8 (P7 where a GPU is present), side by side on this machine.
 
 Prints a table with each target beside its figure and writes the figures as JSON.
 Run: ``make bench`` or ``.venv/bin/python -m bench.performance [--only P1,P3] [--out bench/results.json]``.
@@ -23,10 +23,9 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 import psutil
 import torch
 
-from client.site import site_terms, site_tensors
+from client.site import site_label_names, site_terms, site_tensors
 from common import adapters, task
 from common.config import RunConfig
-from common.metrics import classification_metrics
 from common.model import build_model
 from common.privacy import calibrate_noise, poisson_schedule
 from common.train import DPSettings, TensorData, predict, train_round
@@ -40,15 +39,45 @@ TARGETS = {
     "P5": "< 6 GB and flat in sites",
     "P6": "≤ 15 min (make demo after install)",
     "P7": "GPU vs CPU examples/s (GPU only)",
+    "P8": "report (NER: federated ε=8 ÷ centralized non-private entity micro-F1)",
 }
 
 
 def sites_data(config: RunConfig, num_sites: int) -> list[tuple[TensorData, TensorData]]:
     """Each simulated site's training and validation tensors, exactly as the ClientApp builds them."""
-    return [
-        site_tensors(site_terms(config, {"partition-id": i}, Path(tempfile.gettempdir())), config, (i, num_sites))
-        for i in range(num_sites)
-    ]
+    names = site_label_names(config, None)
+    out = []
+    for i in range(num_sites):
+        terms = site_terms(config, {"partition-id": i, "simulated": True}, Path(tempfile.gettempdir()))
+        out.append(site_tensors(terms, config, names, (i, num_sites)))
+    return out
+
+
+def pooled(parts: list[TensorData]) -> TensorData:
+    """Several sites' examples as one data set (what centralized training would see)."""
+    return TensorData(*(torch.cat([getattr(part, f) for part in parts]) for f in ("input_ids", "attention_mask", "labels")))
+
+
+def scores(config: RunConfig, model, data: TensorData) -> dict[str, float]:
+    """The task's exact scores of `model` on `data`."""
+    run_task, names = task.get(config), task.label_names(config)
+    return run_task.scores(run_task.counts(data.labels, predict(model, data), names).sum(axis=0), names)
+
+
+def centralized(config: RunConfig, train: TensorData, val: TensorData, rates, epochs: int) -> dict:
+    """Plain (non-private) LoRA on pooled examples, the learning rate chosen on the validation examples."""
+    run_task, names = task.get(config), task.label_names(config)
+    best = None
+    by_rate = {}
+    for rate in rates:
+        model = build_model(config.model, len(names), lora_r=config.lora_r, lora_alpha=config.lora_alpha, ffa=False,
+                            seed=config.seed, head=run_task.head)
+        train_round(model, train, loss_fn=run_task.loss, epochs=epochs, batch_size=config.batch_size,
+                    learning_rate=rate, dp=None)
+        by_rate[f"{rate:g}"] = scores(config, model, val)[run_task.primary]
+        if best is None or by_rate[f"{rate:g}"] > by_rate[f"{best[0]:g}"]:
+            best = (rate, model)
+    return {"learning_rate": best[0], "validation_by_learning_rate": by_rate, "model": best[1]}
 
 
 def p1_dp_overhead(steps: int = 8) -> dict:
@@ -57,10 +86,12 @@ def p1_dp_overhead(steps: int = 8) -> dict:
     train, _ = sites_data(config, 1)[0]
     data = train.subset(range(min(len(train), steps * config.batch_size)))
     model = build_model(config.model, len(task.label_names(config)), lora_r=8, lora_alpha=16, ffa=False, seed=0)
+    private = DPSettings(1.0, 1.0, config.batch_size / len(data))
     timings = {}
-    for name, dp in (("warmup", None), ("plain", None), ("dp", DPSettings(1.0, 1.0)), ("plain2", None), ("dp2", DPSettings(1.0, 1.0))):
+    for name, dp in (("warmup", None), ("plain", None), ("dp", private), ("plain2", None), ("dp2", private)):
         started = time.perf_counter()
-        result = train_round(model, data, epochs=1, batch_size=config.batch_size, learning_rate=1e-3, dp=dp, seed=0)
+        result = train_round(model, data, loss_fn=task.get(config).loss, epochs=1, batch_size=config.batch_size,
+                             learning_rate=1e-3, dp=dp)
         timings[name] = (time.perf_counter() - started) / result.steps
     plain = min(timings["plain"], timings["plain2"])
     private = min(timings["dp"], timings["dp2"])
@@ -80,11 +111,18 @@ def p3_bytes() -> dict:
     return {"figure": out[config.aggregation]["ratio"], **out}
 
 
-def simulate_subprocess(sites: int, run_config: str, runs_dir: Path, sample_memory: bool = False) -> dict:
-    """Run ``python -m server.simulate`` and return its wall time, peak memory and metrics rows."""
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    command = [sys.executable, "-m", "server.simulate", "--sites", str(sites), "--run-config",
-               f"{run_config} runs-dir='{runs_dir}' run-name='bench'"]
+def simulate_subprocess(sites: int, run_config: str, runs_dir: Path, sample_memory: bool = False,
+                        client_app: str | None = None, env: dict | None = None) -> dict:
+    """Run ``python -m server.simulate`` (or `client_app` in place of the ClientApp) and return its wall time, peak
+    memory and metrics rows."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
+    overrides = f"{run_config} runs-dir='{runs_dir}' run-name='bench'"
+    command = [sys.executable, "-m", "server.simulate", "--sites", str(sites), "--run-config", overrides]
+    if client_app:
+        command = [sys.executable, "-c", "import sys; from flwr.common.config import parse_config_args; "
+                   "from server.simulate import simulate; "
+                   "simulate(int(sys.argv[1]), parse_config_args([sys.argv[2]]), client_app=sys.argv[3])",
+                   str(sites), overrides, client_app]
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -131,8 +169,8 @@ def p2_federation_overhead(sites: int = 2, rounds: int = 3, examples: int = 512)
             adapters.load_state(model, start_state)
             rate, steps = poisson_schedule(len(train), config.batch_size)
             sigma = calibrate_noise(config.target_epsilon, config.delta, rate, steps * rounds)
-            train_round(model, train, epochs=1, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                        dp=DPSettings(sigma, config.max_grad_norm), seed=server_round)
+            train_round(model, train, loss_fn=task.get(config).loss, epochs=1, batch_size=config.batch_size,
+                        learning_rate=config.learning_rate, dp=DPSettings(sigma, config.max_grad_norm, rate))
             states.append((len(train), adapters.trainable_state(model)))
         total = sum(n for n, _ in states)
         start_state = {k: sum(n * s[k] for n, s in states) / total for k in start_state}
@@ -147,23 +185,16 @@ def p2_federation_overhead(sites: int = 2, rounds: int = 3, examples: int = 512)
 
 
 def p4_quality(epsilons=(1.0, 3.0, 8.0), sites: int = 4, rounds: int = 3, no_dp: bool = True) -> dict:
-    """P4: final macro-F1 of federated DP runs (and without DP) over centralized plain LoRA on the same data."""
+    """P4: final macro-F1 of federated DP runs (and without DP) over centralized plain LoRA on the same data.
+
+    The centralized baseline's learning rate is chosen on the sites' pooled validation splits, never on the test set.
+    """
     config = RunConfig(num_server_rounds=rounds)
     data = sites_data(config, sites)
-    pooled = TensorData(*(torch.cat([getattr(train, f) for train, _ in data]) for f in ("input_ids", "attention_mask", "labels")))
-    names = task.label_names(config)
-    test = task.central_test_set(config)
-    # The denominator is the better of two learning rates, so a DP-tuned default cannot handicap the baseline.
-    scores = {}
-    for rate in (config.learning_rate, config.learning_rate / 4):
-        model = build_model(config.model, len(names), lora_r=config.lora_r, lora_alpha=config.lora_alpha, ffa=False,
-                            seed=config.seed)
-        train_round(model, pooled, epochs=rounds, batch_size=config.batch_size, learning_rate=rate, dp=None, seed=0)
-        _, predictions = predict(model, test)
-        scores[rate] = classification_metrics(test.labels.numpy(), predictions, len(names))["macro_f1"]
-    central = max(scores.values())
-    out = {"centralized_macro_f1": central, "centralized_by_learning_rate": {f"{r:g}": f for r, f in scores.items()},
-           "sites": sites, "rounds": rounds, "runs": {}}
+    chosen = centralized(config, pooled([t for t, _ in data]), pooled([v for _, v in data]),
+                         (config.learning_rate, config.learning_rate / 4, config.learning_rate / 16), rounds)
+    central = scores(config, chosen.pop("model"), task.central_test_set(config))["macro_f1"]
+    out = {"centralized_macro_f1": central, **chosen, "sites": sites, "rounds": rounds, "runs": {}}
     runs = [(f"eps={e:g}", f"target-epsilon={e}") for e in epsilons] + ([("no-dp", "dp=false")] if no_dp else [])
     for label, run_config in runs:
         with tempfile.TemporaryDirectory() as tmp:
@@ -204,19 +235,38 @@ def p7_gpu(steps: int = 20) -> dict | None:
     out = {}
     for device in ("cuda", "cpu"):
         model = build_model(config.model, 8, lora_r=8, lora_alpha=16, ffa=False, seed=0, device=device)
-        train_round(model, data.subset(range(config.batch_size)), epochs=1, batch_size=config.batch_size,
-                    learning_rate=1e-3, dp=DPSettings(1.0, 1.0), seed=0, device=device)
+        private = DPSettings(1.0, 1.0, config.batch_size / len(data))
+        train_round(model, data.subset(range(config.batch_size)), loss_fn=task.get(config).loss, epochs=1,
+                    batch_size=config.batch_size, learning_rate=1e-3, dp=private, device=device)
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        result = train_round(model, data, epochs=1, batch_size=config.batch_size, learning_rate=1e-3,
-                             dp=DPSettings(1.0, 1.0), seed=0, device=device)
+        result = train_round(model, data, loss_fn=task.get(config).loss, epochs=1, batch_size=config.batch_size,
+                             learning_rate=1e-3, dp=private, device=device)
         out[device] = result.examples / (time.perf_counter() - started)
     return {"figure": out["cuda"] / out["cpu"], "examples_per_s": out,
             "gpu_peak_gb": torch.cuda.max_memory_allocated() / 1e9, "gpu": torch.cuda.get_device_name()}
 
 
+def p8_ner(sites: int = 3, rounds: int = 3) -> dict:
+    """P8: named entities, federated at ε=8 against the same sentences trained centrally without DP, on ner-demo's
+    test split (entity micro-F1, seqeval strict IOB2); the centralized learning rate is chosen on validation."""
+    run_config = f"task='token-classification' dataset='ner-demo' num-server-rounds={rounds}"
+    config = RunConfig(task="token-classification", dataset="ner-demo", num_server_rounds=rounds)
+    data = sites_data(config, sites)
+    chosen = centralized(config, pooled([t for t, _ in data]), pooled([v for _, v in data]),
+                         (config.learning_rate, config.learning_rate / 4, config.learning_rate * 2.5), rounds)
+    central = scores(config, chosen.pop("model"), task.central_test_set(config))["entity_f1"]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = simulate_subprocess(sites, run_config, Path(tmp))
+    federated = result["final"]["entity_f1"]
+    return {"figure": federated / central if central else None, "federated_entity_f1": federated,
+            "centralized_entity_f1": central, **chosen, "federated_wall_s": result["wall_s"],
+            "per_round_entity_f1": [row["entity_f1"] for row in result["rows"]],
+            "epsilon_per_site": {s["site"]: s["epsilon"] for s in result["rows"][-1]["sites"]}}
+
+
 BENCHES = {"P1": p1_dp_overhead, "P2": p2_federation_overhead, "P3": p3_bytes, "P4": p4_quality,
-           "P5": p5_memory, "P6": p6_demo, "P7": p7_gpu}
+           "P5": p5_memory, "P6": p6_demo, "P7": p7_gpu, "P8": p8_ner}
 
 
 def main(argv=None) -> int:

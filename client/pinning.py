@@ -14,6 +14,7 @@ import hashlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,10 +80,11 @@ def superexec_main(policy_path: str, runtime_address: str, secret_file: str) -> 
 
 
 def run_site_node(policy_path: Path, superlink: str, root_certificates: Path, private_key: Path,
-                  runtime_port: int = 9094) -> int:
+                  runtime_port: int | None = None) -> int:
     """Start this site's SuperNode (process isolation) and its pinned launcher; stop both when either ends."""
     policy = SitePolicy.load(policy_path)
     approved_apps(policy)  # refuse to start rather than accept work it would refuse anyway
+    runtime_port = runtime_port or _free_loopback_port()
     runtime_address = f"127.0.0.1:{runtime_port}"
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="privet-site-") as tmp:
@@ -104,6 +106,13 @@ def run_site_node(policy_path: Path, superlink: str, root_certificates: Path, pr
             env=env,
         )
         return _supervise([node, launcher])
+
+
+def _free_loopback_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago: only this site's two processes use it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _supervise(processes: list[subprocess.Popen]) -> int:

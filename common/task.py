@@ -19,7 +19,7 @@ from common.config import BUNDLED_DATASETS, RunConfig
 from common.model import MeanPoolClassifier, TokenClassifier, load_tokenizer
 from common.train import TensorData
 
-IGNORE = -100  # a label position the loss and the metrics skip (later sub-words, special tokens, padding)
+IGNORE = token_data.IGNORE_INDEX  # a label position the loss and metrics skip (later sub-words, special tokens, padding)
 
 
 class Task:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import common.offline  # noqa: F401  (before flwr: no telemetry, update check or code install)
+from server import cli_model
 
 
 class CommandError(Exception):
@@ -87,7 +88,7 @@ def _run_site_keys(args) -> None:
 def _add_simulate(subparsers) -> None:
     parser = subparsers.add_parser(
         "simulate",
-        help="simulate a whole federation on this machine",
+        help="simulate a whole federation on this machine or on a Ray cluster (--ray-address)",
         description="Run the ServerApp and N simulated sites with Flower's simulation engine; results go to "
         "runs/<run-name>/.",
     )
@@ -142,18 +143,101 @@ def _run_report(args) -> None:
     print(f"wrote {html} and {markdown}")
 
 
-def main(argv=None) -> int:
-    """Run the `privet` command line; return the exit status."""
-    parser = argparse.ArgumentParser(
+def _add_app_hash(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "app-hash",
+        help="print the SHA-256 of the app bundle `flwr run` builds from a directory, for a policy's allowed-apps",
+        description="Build the Flower app bundle (FAB) from DIR exactly as `flwr run DIR` does and print its SHA-256. "
+        "A site lists the hashes of the bundles it reviewed in its policy's allowed-apps; `privet site-node` runs no "
+        "other.",
+    )
+    parser.add_argument("app", nargs="?", type=Path, default=Path("."), help="the app directory (default: .)")
+    parser.set_defaults(handler=_run_app_hash)
+
+
+def _run_app_hash(args) -> None:
+    from client.pinning import app_hash
+
+    if not (args.app / "pyproject.toml").is_file():
+        raise CommandError(f"{args.app} is not a Flower app directory (no pyproject.toml)")
+    print(app_hash(args.app))
+
+
+def _add_site_node(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "site-node",
+        help="run this site: its SuperNode, running only the app bundles its policy approved",
+        description="Start flower-supernode for this site (process isolation, the policy as its node config) and the "
+        "site's own launcher, which starts only ClientApps whose bundle SHA-256 is in the policy's allowed-apps. "
+        "Stops both when either ends.",
+    )
+    parser.add_argument("--policy", type=Path, required=True, help="the site policy (TOML)")
+    parser.add_argument("--superlink", required=True, help="the SuperLink's Fleet API, host:port")
+    parser.add_argument("--root-certificates", type=Path, required=True, help="the deployment CA certificate")
+    parser.add_argument("--auth-supernode-private-key", type=Path, required=True, help="this site's private key")
+    parser.add_argument("--runtime-port", type=int, default=None,
+                        help="local port of the SuperNode's Runtime API on 127.0.0.1 (default: a free one)")
+    parser.set_defaults(handler=_run_site_node)
+
+
+def _run_site_node(args) -> None:
+    from client.pinning import run_site_node
+    from client.policy import PolicyError
+
+    for path in (args.policy, args.root_certificates, args.auth_supernode_private_key):
+        if not path.is_file():
+            raise CommandError(f"{path} does not exist")
+    try:
+        code = run_site_node(args.policy, args.superlink, args.root_certificates, args.auth_supernode_private_key,
+                             args.runtime_port)
+    except PolicyError as err:
+        raise CommandError(str(err)) from None
+    if code:
+        raise SystemExit(code)
+
+
+def _add_audit(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "audit",
+        help="audit a site's DP training empirically (one-run canary audit)",
+        description="Train the site's exact path once with secret canaries and compare the ε lower bound they "
+        "prove with the ε the ledger claims; writes audit.json (exit 0: no violation, 1: VIOLATION, 2: cannot run).",
+    )
+    from client import audit
+
+    audit.add_arguments(parser)
+    parser.set_defaults(handler=_run_audit)
+
+
+def _run_audit(args) -> None:
+    from client import audit
+
+    status = audit.run(args)
+    if status != 0:
+        raise SystemExit(status)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `privet` command line's parser, with every subcommand."""
+    root = argparse.ArgumentParser(
         prog="privet", description="Privacy-preserving federated LoRA fine-tuning with DP-SGD on Flower."
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_certs(subparsers)
     _add_site_keys(subparsers)
     _add_simulate(subparsers)
     _add_model_hash(subparsers)
     _add_report(subparsers)
-    args = parser.parse_args(argv)
+    _add_app_hash(subparsers)
+    _add_site_node(subparsers)
+    _add_audit(subparsers)
+    cli_model.add_commands(subparsers)  # predict, evaluate, ledger, export
+    return root
+
+
+def main(argv=None) -> int:
+    """Run the `privet` command line; return the exit status."""
+    args = parser().parse_args(argv)
     try:
         args.handler(args)
     except (CommandError, FileExistsError) as err:

@@ -63,7 +63,8 @@ def _load(run: Path) -> dict:
     info = _json(run / "final" / "privet.json") or (_json(rounds[-1]) if rounds else None) or {}
     ledgers = {p.parent.name: _json(p) for p in sorted(run.glob("sites/*/ledger.json"))}
     return {"name": config.get("run-name") or run.name, "config": config, "rows": rows, "info": info,
-            "final": _json(run / "final_evaluation.json"), "ledgers": {k: v for k, v in ledgers.items() if v}}
+            "final": _json(run / "final_evaluation.json"), "ledgers": {k: v for k, v in ledgers.items() if v},
+            "audit": _json(run / "audit.json")}
 
 
 def _json(path: Path):
@@ -89,6 +90,7 @@ def _sections(run: dict) -> tuple[str, list[tuple[str, list[tuple]]]]:
         ("Report of the final adapter", _classification(run["final"], task)),
         ("Declined, rejected and failed sites", _incidents(rows)),
         ("Transparency for the privacy officer", _transparency(config, eps, _central(last))),
+        ("Empirical privacy audit", _audit(run["audit"])),
         ("Configuration", _configuration(config, run["info"])),
     ]
     empty = lambda block: block[0] == "table" and not block[2]  # noqa: E731
@@ -303,6 +305,25 @@ def _transparency(config: dict, eps: dict[str, dict], central: str | None) -> li
             ("p", "The guarantee each site has:"), ("p", guarantee), *([("p", central)] if central else []),
             ("table", ["site", "guarantee", "accountant", "δ", "ε reached"], table),
             ("p", "What the guarantee does NOT cover:"), ("list", caveats)]
+
+
+def _audit(audit: dict | None) -> list[tuple]:
+    """What `privet audit` found for a site of this run (audit.json), if one ran."""
+    if not audit:
+        return [("p", "No audit in this run directory. `privet audit --run-dir <this directory>` trains one site's "
+                      "exact path once with secret canaries and checks that the ε it claims is not contradicted.")]
+    claimed = audit.get("claimed_epsilon")
+    return [
+        ("p", f"Verdict: {str(audit.get('verdict', '?')).upper()}. {audit.get('explanation', '')}"),
+        ("p", f"ε ≥ {_num(audit.get('epsilon_lower_bound'))} at {_num(audit.get('confidence'), 2)} confidence "
+              f"(δ={audit.get('delta')}) against a claimed ε of {_num(claimed)}; an audit of this size can prove at "
+              f"most ε = {_num(audit.get('epsilon_ceiling'))}."),
+        ("table", ["site", "canaries", "included", "guesses", "right", "wall seconds"],
+         [[audit.get("site", "?"), audit.get("canaries"), audit.get("canaries_included"), audit.get("guesses"),
+           audit.get("right"), _num(audit.get("wall_seconds"), 1)]]),
+        ("p", "A lower bound from one membership attack on canaries: a bound above the claim proves the code does not "
+              "keep its promise; a bound at or below it is consistent with the claim but is no proof of privacy."),
+    ]
 
 
 def _configuration(config: dict, info: dict) -> list[tuple]:

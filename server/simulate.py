@@ -1,4 +1,5 @@
-"""Run a whole federation on this machine with Flower's simulation engine (Ray), in this process.
+"""Run a whole federation with Flower's simulation engine (Ray), driven from this process: on a private Ray
+instance on this machine, or on an existing Ray cluster (``--ray-address``).
 
 This does what ``flwr run .`` does on a local simulation SuperLink, minus the background
 SuperLink: the run config is this app's ``pyproject.toml`` defaults fused with the overrides,
@@ -13,18 +14,22 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import common.offline  # noqa: F401  (before flwr: no telemetry, update check or code install)
+from common.offline import FLOWER_OFF  # before flwr: no telemetry, update check or code install
 
 import click
 from flwr.app import Context, RecordDict
 from flwr.common.config import get_fused_config_from_dir, get_project_config, parse_config_args
 from flwr.common.constant import SUPERLINK_NODE_ID
+# The private entry point: flwr's public run_simulation() has no run-config parameter (the ServerApp would see
+# run_config={} and the ClientApps {}), so Privet passes its fused config through `run` and `server_app_context`.
+# tests/test_simulate_cluster.py fails when the public function grows one, or this one drops a parameter used here.
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
+from client.site import SIMULATION_ENV
 from common.config import ConfigError, RunConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -38,10 +43,13 @@ def simulate(
     cpus_per_site: float | None = None,
     verbose: bool = False,
     client_app: str | None = None,
+    ray_address: str | None = None,
 ) -> None:
     """Simulate `num_sites` sites training together; raises if the ServerApp fails.
 
-    `client_app` replaces the ClientApp named in pyproject.toml (tests use it to simulate failing sites).
+    `ray_address` (e.g. ``auto``, ``10.0.0.5:6379`` or ``ray://host:10001``) runs the sites on that existing Ray
+    cluster instead of a private local one. `client_app` replaces the ClientApp named in pyproject.toml (tests use
+    it to simulate failing sites).
     """
     if num_sites < 1:
         raise ValueError(f"sites={num_sites} must be at least 1")
@@ -52,8 +60,6 @@ def simulate(
     if config.min_sites > num_sites:
         raise ValueError(f"min-sites={config.min_sites} is more than the {num_sites} simulated sites")
     components = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]
-    # One site at a time gets every core: on a small machine that beats several sites sharing them.
-    cpus = cpus_per_site if cpus_per_site is not None else float(os.cpu_count() or 1)
     run = replace(
         Run.create_empty(run_id=1),
         override_config=dict(overrides or {}),
@@ -62,23 +68,68 @@ def simulate(
     )
     # The same task identity Flower's own run_simulation() sets up for an in-process run.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    # Marks the simulated sites: a SuperNode without a site policy refuses to work unless this is set. Ray's
+    # workers inherit the environment of the local Ray instance this process starts; a cluster's workers get it
+    # through the runtime environment (attach_ray).
+    os.environ[SIMULATION_ENV] = "1"
+    if ray_address:
+        smallest_node = attach_ray(ray_address)
+        # One site per node by default, each with all of its node's cores (as locally: one site, every core).
+        cpus = cpus_per_site if cpus_per_site is not None else smallest_node
+        # Flower's own ray.init is skipped now that Ray is initialised, so these only set what its defaults would.
+        init_args = {"logging_level": "error"}
+    else:
+        # One site at a time gets every core: on a small machine that beats several sites sharing them.
+        cpus = cpus_per_site if cpus_per_site is not None else float(os.cpu_count() or 1)
+        # address="local": a private Ray instance, even when `ray start` left a cluster running on this machine.
+        init_args = {"address": "local", "num_cpus": max(cpus, float(os.cpu_count() or 1)), "logging_level": "error"}
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    _run_simulation(
-        server_app_attr=components["serverapp"],
-        client_app_attr=client_app or components["clientapp"],
-        num_supernodes=num_sites,
-        backend_name="ray",
-        backend_config={
-            "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(cpus, float(os.cpu_count() or 1)), "logging_level": "error"},
-        },
-        app_dir=str(app_dir),
-        run=run,
-        server_app_context=context,
-        is_app=True,
-        verbose_logging=verbose,
-        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-    )
+    try:
+        _run_simulation(
+            server_app_attr=components["serverapp"],
+            client_app_attr=client_app or components["clientapp"],
+            num_supernodes=num_sites,
+            backend_name="ray",
+            backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}, "init_args": init_args},
+            app_dir=str(app_dir),
+            run=run,
+            server_app_context=context,
+            is_app=True,
+            verbose_logging=verbose,
+            exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+        )
+    finally:
+        import ray
+
+        if ray.is_initialized():  # Flower shuts Ray down after a run; not when it failed before starting one
+            ray.shutdown()
+
+
+def attach_ray(address: str) -> float:
+    """Connect this process to the Ray cluster at `address`; return the CPU count of its smallest node with CPUs.
+
+    Flower would pass its own runtime environment to ``ray.init``, so Privet initialises Ray itself: the
+    cluster's workers (started by `ray start`, not by this process) need the simulated-site mark, Flower's
+    offline switches and this process's import path in their environment.
+    """
+    import ray
+
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env_vars = {**FLOWER_OFF, SIMULATION_ENV: "1", "PYTHONPATH": pythonpath}
+    try:
+        # No num_cpus/num_gpus: the cluster's nodes declare their own resources, and Ray refuses them here.
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level="error")
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"cannot attach to the Ray cluster at --ray-address {address!r} ({err}); start one with "
+            "`ray start --head` or correct the address"
+        ) from None
+    cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    cpus = [count for count in cpus if count > 0]
+    if not cpus:
+        ray.shutdown()
+        raise ValueError(f"the Ray cluster at {address!r} has no node with CPUs to run a site on")
+    return float(min(cpus))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +140,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="overrides in Flower's format, e.g. \"num-server-rounds=5 run-name='trial' dp=true\"",
     )
-    parser.add_argument("--cpus-per-site", type=float, default=None, help="CPU cores per site (default: all)")
+    parser.add_argument("--cpus-per-site", type=float, default=None,
+                        help="CPU cores per site (default: all of this machine's; with --ray-address, all of the "
+                        "smallest node's)")
+    parser.add_argument(
+        "--ray-address", default=None, metavar="ADDRESS",
+        help="run the sites on an existing Ray cluster: 'auto' (the one `ray start` began on this machine), "
+        "'HOST:6379' or 'ray://HOST:10001'. Every node needs the same Python environment with Privet, and the "
+        "data set's path must be readable on every node. Default: a private Ray instance on this machine",
+    )
     parser.add_argument("--verbose", action="store_true", help="Flower's debug logging")
 
 
@@ -97,7 +156,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Parse the overrides and simulate; a bad option ends with a one-line error, not a traceback."""
     try:
         overrides = parse_config_args([args.run_config]) if args.run_config.strip() else {}
-        simulate(args.sites, overrides, cpus_per_site=args.cpus_per_site, verbose=args.verbose)
+        simulate(args.sites, overrides, cpus_per_site=args.cpus_per_site, verbose=args.verbose,
+                 ray_address=args.ray_address)
     except (ConfigError, ValueError, click.ClickException) as err:
         message = err.format_message() if isinstance(err, click.ClickException) else str(err)
         print(f"privet simulate: {message}", file=sys.stderr)

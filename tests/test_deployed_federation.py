@@ -66,6 +66,7 @@ def privet(name: str, cwd: Path, **values) -> str:
 
 
 def write_policy(site_dir: Path, site: str, model_hash: str, app_hash: str) -> Path:
+    site_dir.mkdir(parents=True)
     write_site_data(site_dir / "notes.csv", n=64, seed=int(site[-1]))
     policy = site_dir / "policy.toml"
     policy.write_text(
@@ -100,7 +101,9 @@ def test_the_readme_deployment_trains_and_an_unapproved_app_never_runs(tiny_mode
     for site in sites:
         privet("site-keys", tmp_path, secrets=secrets, site=site)
     model_hash = privet("model-hash", tmp_path, model=tiny_model_dir).strip()
-    app_hash = privet("app-hash", tmp_path, app=ROOT).strip()
+    # The reviewed app: a snapshot of Privet's app files, so edits in the working tree cannot change its hash.
+    app = _copy_app(tmp_path / "app")
+    app_hash = privet("app-hash", tmp_path, app=app).strip()
     assert re.fullmatch(r"[0-9a-f]{64}", app_hash)
 
     with procs.Processes(tmp_path / "logs") as registry:
@@ -137,13 +140,15 @@ def test_the_readme_deployment_trains_and_an_unapproved_app_never_runs(tiny_mode
         run_config = {"run-name": "deployed", "num-server-rounds": 2, "model": str(tiny_model_dir),
                       "dataset": "policy", "labels": ",".join(LABELS), "batch-size": 8, "max-length": 16,
                       "min-sites": 2, "target-epsilon": 3.0, "site-registry": str(keys / "sites.toml")}
-        argv = command("run", app=ROOT, run_config=shlex.quote(procs.node_config_arg(run_config)))
+        argv = command("run", app=app, run_config=shlex.quote(procs.node_config_arg(run_config)))
         run_id = _submit(argv, coordinator)
         info = procs.wait_for_run(run_id, "privet", coordinator, timeout=600)
         assert info["status"] == "finished:completed", procs.run_logs(run_id, "privet", coordinator)
 
         # The coordinator ships changed code: one line that would leave a trace at every site it ran on.
-        evil = _changed_copy(tmp_path / "evil", marker=tmp_path / "evil-code-ran")
+        evil = _copy_app(tmp_path / "evil")
+        client_app = evil / "client" / "app.py"
+        client_app.write_text(client_app.read_text() + f"\nPath({str(tmp_path / 'evil-code-ran')!r}).touch()\n")
         argv = command("run", app=evil, run_config=shlex.quote(procs.node_config_arg(
             {**run_config, "run-name": "unapproved", "num-server-rounds": 1})))
         run_id = _submit(argv, coordinator)
@@ -179,17 +184,11 @@ def _submit(argv: list[str], env: dict) -> int:
     return int(json.loads(done.stdout[done.stdout.find("{"):])["run-id"])
 
 
-def _changed_copy(target: Path, marker: Path) -> Path:
-    """Privet's app files with one added line in the ClientApp: what a coordinator could slip in."""
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, target / name if target.exists() else _mkdir(target) / name)
+def _copy_app(target: Path) -> Path:
+    """Privet's app files (what `flwr run` bundles from a checkout) in a directory of their own."""
+    target.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md", ".gitignore"):
+        shutil.copy(ROOT / name, target / name)
     for package in ("common", "client", "server"):
         shutil.copytree(ROOT / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
-    app = target / "client" / "app.py"
-    app.write_text(app.read_text() + f"\nPath({str(marker)!r}).touch()\n")
     return target
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True)
-    return path
