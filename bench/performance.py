@@ -168,7 +168,7 @@ def p2_federation_overhead(sites: int = 2, rounds: int = 3, examples: int = 512)
         for train, _ in data:
             adapters.load_state(model, start_state)
             rate, steps = poisson_schedule(len(train), config.batch_size)
-            sigma = calibrate_noise(config.target_epsilon, config.delta, rate, steps * rounds)
+            sigma = calibrate_noise(config.target_epsilon, config.delta, [(rate, steps * rounds)])
             train_round(model, train, loss_fn=task.get(config).loss, epochs=1, batch_size=config.batch_size,
                         learning_rate=config.learning_rate, dp=DPSettings(sigma, config.max_grad_norm, rate))
             states.append((len(train), adapters.trainable_state(model)))

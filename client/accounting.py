@@ -29,6 +29,23 @@ COUNT_NOISE_MULTIPLIER = 20.0
 
 
 @dataclass(frozen=True)
+class Phase:
+    """How a round trains: only the head on cached features, or LoRA and the head, with this phase's settings."""
+
+    head_only: bool
+    epochs: int
+    batch_size: int
+    learning_rate: float
+
+
+def phase(config: RunConfig, server_round: int) -> Phase:
+    """The phase `server_round` of this run is in."""
+    if config.is_lora_round(server_round):
+        return Phase(False, config.local_epochs, config.batch_size, config.learning_rate)
+    return Phase(True, config.head_epochs, config.head_batch_size, config.head_learning_rate)
+
+
+@dataclass(frozen=True)
 class RoundRelease:
     """What a training round may release: its DP-SGD settings (None without DP), the public count, the entry."""
 
@@ -41,19 +58,27 @@ class RoundRelease:
 
 @dataclass(frozen=True)
 class Plan:
-    """What the noise of a run is calibrated for; a change in any field recalibrates the remaining budget."""
+    """What the noise of a run is calibrated for; a change in any field recalibrates the remaining budget.
+
+    Both phases (head rounds, then LoRA rounds) run at one noise multiplier, each at its own sample rate.
+    """
 
     target: float
-    sample_rate: float
-    steps: int  # DP-SGD steps per round
+    head_sample_rate: float
+    head_steps: int  # DP-SGD steps per head round
+    lora_sample_rate: float
+    lora_steps: int  # DP-SGD steps per LoRA round
     eval_noise: float | None  # each round's evaluation release, None when the site does not evaluate
     accountant: str
 
-    def releases(self, sigma: float, rounds: int) -> list[Entry]:
-        """The entries `rounds` more rounds at noise `sigma` would add to the ledger."""
-        planned = [(sigma, self.sample_rate, self.steps * rounds)]
+    def schedule(self, head_rounds: int, lora_rounds: int) -> list[tuple[float, int]]:
+        return [(self.head_sample_rate, self.head_steps * head_rounds), (self.lora_sample_rate, self.lora_steps * lora_rounds)]
+
+    def releases(self, sigma: float, head_rounds: int, lora_rounds: int) -> list[Entry]:
+        """The entries that many more rounds at noise `sigma` would add to the ledger."""
+        planned = [(sigma, rate, steps) for rate, steps in self.schedule(head_rounds, lora_rounds) if steps]
         if self.eval_noise is not None:
-            planned.append((self.eval_noise, 1.0, rounds))
+            planned.append((self.eval_noise, 1.0, head_rounds + lora_rounds))
         return planned
 
 
@@ -64,8 +89,9 @@ def release_for_round(
 
     A crash after this point can over-count ε, never under-count it.
     """
+    now = phase(config, server_round)
     if not config.dp:
-        steps = config.local_epochs * privacy.poisson_schedule(examples, config.batch_size)[1]
+        steps = now.epochs * privacy.poisson_schedule(examples, now.batch_size)[1]
         epsilon = ledger.record(run, server_round, "train", None)
         return RoundRelease(None, examples, steps, None, epsilon)
     count = _public_count(ledger, terms=terms, run=run, server_round=server_round, examples=examples)
@@ -74,17 +100,23 @@ def release_for_round(
             f"{terms.site_id}: δ={terms.delta:g} is not below 1/N for its N≈{count} training records, so one "
             f"record's leak would fit inside δ; set delta below {1.0 / count:.1e}"
         )
-    sample_rate, steps_per_epoch = privacy.poisson_schedule(count, config.batch_size)
+    head_rate, head_per_epoch = privacy.poisson_schedule(count, config.head_batch_size)
+    lora_rate, lora_per_epoch = privacy.poisson_schedule(count, config.batch_size)
     plan = Plan(
         target=min(config.target_epsilon, terms.epsilon_cap),
-        sample_rate=sample_rate,
-        steps=config.local_epochs * steps_per_epoch,
+        head_sample_rate=head_rate,
+        head_steps=config.head_epochs * head_per_epoch,
+        lora_sample_rate=lora_rate,
+        lora_steps=config.local_epochs * lora_per_epoch,
         eval_noise=config.eval_noise_multiplier if terms.evaluate else None,
         accountant=ledger.accountant,
     )
-    rounds_left = max(1, min(config.num_server_rounds, terms.max_rounds) - server_round + 1)
-    sigma = _noise_for_plan(ledger, run, plan, rounds_left, terms.site_id)
-    entry = (sigma, sample_rate, plan.steps)
+    last = min(config.num_server_rounds, terms.max_rounds)
+    left = range(server_round, max(last, server_round) + 1)  # this round and the planned ones after it
+    head_left = sum(1 for r in left if not config.is_lora_round(r))
+    sigma = _noise_for_plan(ledger, run, plan, head_left, len(left) - head_left, terms.site_id)
+    sample_rate, steps = (head_rate, plan.head_steps) if now.head_only else (lora_rate, plan.lora_steps)
+    entry = (sigma, sample_rate, steps)
     after = ledger.epsilon_with(entry)
     if after > terms.epsilon_cap:
         raise Declined(
@@ -92,7 +124,9 @@ def release_for_round(
             f"over its cap of {terms.epsilon_cap}"
         )
     epsilon = ledger.record(run, server_round, "train", entry)
-    return RoundRelease(DPSettings(sigma, config.max_grad_norm, sample_rate), count, plan.steps, entry, epsilon)
+    log.info("%s: training release %s (noise multiplier, sample rate, steps) recorded; ε so far %.4f",
+             terms.site_id, entry, epsilon)
+    return RoundRelease(DPSettings(sigma, config.max_grad_norm, sample_rate), count, steps, entry, epsilon)
 
 
 def charge_evaluation(ledger: Ledger, *, terms: SiteTerms, config: RunConfig, run: str, server_round: int) -> float:
@@ -109,7 +143,9 @@ def charge_evaluation(ledger: Ledger, *, terms: SiteTerms, config: RunConfig, ru
             f"{terms.site_id} has spent ε={ledger.epsilon:.3f}; evaluating would reach ε={after:.3f}, "
             f"over its cap of {terms.epsilon_cap}"
         )
-    return ledger.record(run, server_round, "evaluate", entry)
+    epsilon = ledger.record(run, server_round, "evaluate", entry)
+    log.info("%s: evaluation release %s recorded; ε so far %.4f", terms.site_id, entry, epsilon)
+    return epsilon
 
 
 def _public_count(ledger: Ledger, *, terms: SiteTerms, run: str, server_round: int, examples: int) -> int:
@@ -127,24 +163,27 @@ def _public_count(ledger: Ledger, *, terms: SiteTerms, run: str, server_round: i
             f"ε={after:.3f}, over its cap of {terms.epsilon_cap}"
         )
     saved["public_count"] = privacy.noisy_count(examples, COUNT_NOISE_MULTIPLIER)
-    ledger.record(run, server_round, "count", entry)
+    epsilon = ledger.record(run, server_round, "count", entry)
+    log.info("%s: example count released once for run %s, release %s; ε so far %.4f", terms.site_id, run, entry, epsilon)
     return int(saved["public_count"])
 
 
-def _noise_for_plan(ledger: Ledger, run: str, plan: Plan, rounds_left: int, site: str) -> float:
+def _noise_for_plan(ledger: Ledger, run: str, plan: Plan, head_left: int, lora_left: int, site: str) -> float:
     """The run's noise multiplier: the saved one while the plan is unchanged and still fits, else recalibrated."""
     saved = ledger.calibrations.setdefault(run, {})
     sigma = saved.get("noise_multiplier")
     if sigma is not None and saved.get("plan") == asdict(plan):
-        if ledger.epsilon_with(*plan.releases(sigma, rounds_left)) <= plan.target + 1e-9:
+        if ledger.epsilon_with(*plan.releases(sigma, head_left, lora_left)) <= plan.target + 1e-9:
             return sigma
         log.info("%s: the budget left no longer fits the saved plan; recalibrating", site)
-    evaluations = [] if plan.eval_noise is None else [(plan.eval_noise, 1.0, rounds_left)]
+    rounds = head_left + lora_left
+    evaluations = [] if plan.eval_noise is None else [(plan.eval_noise, 1.0, rounds)]
     sigma = privacy.calibrate_noise(
-        plan.target, ledger.delta, plan.sample_rate, rounds_left * plan.steps,
+        plan.target, ledger.delta, plan.schedule(head_left, lora_left),
         prior=ledger.history, also=evaluations, accountant=plan.accountant,
     )
-    saved.update(noise_multiplier=sigma, plan=asdict(plan), planned_rounds=rounds_left)
-    log.info("%s: noise multiplier %.4f for ε=%s over %d round(s) (sample rate %.4f, %d steps a round)",
-             site, sigma, plan.target, rounds_left, plan.sample_rate, plan.steps)
+    saved.update(noise_multiplier=sigma, plan=asdict(plan), planned_rounds=rounds)
+    log.info("%s: noise multiplier %r for ε=%s over %d round(s): %d head-only (sample rate %r, %d steps each), "
+             "%d LoRA (sample rate %r, %d steps each)", site, sigma, plan.target, rounds, head_left,
+             plan.head_sample_rate, plan.head_steps, lora_left, plan.lora_sample_rate, plan.lora_steps)
     return sigma

@@ -20,7 +20,8 @@ from flwr.clientapp import ClientApp
 from client import accounting
 from client.policy import Declined, PolicyError
 from client.secure import secure_train_mod
-from client.site import checked_run_name, check_policy, shared_model, site_label_names, site_tensors, site_terms
+from client.site import (checked_run_name, check_policy, round_inputs, shared_model, site_features, site_label_names,
+                         site_tensors, site_terms)
 from common import adapters, privacy
 from common import task as tasks
 from common.config import ConfigError, RunConfig
@@ -66,6 +67,9 @@ class _Context:
     def data(self):
         return site_tensors(self.terms, self.config, self.names, self.partition)
 
+    def features(self):
+        return site_features(self.model, self.terms, self.config, self.names, self.partition)
+
     def ledger(self):
         return Ledger.locked(self.terms.ledger_path, delta=self.terms.delta, accountant=self.config.accountant,
                              site=self.terms.site_id)
@@ -101,17 +105,20 @@ def _train(ctx: _Context) -> RecordDict:
             ledger, terms=terms, config=config, run=ctx.run_name, server_round=ctx.server_round,
             examples=len(train_data),
         )
+    now = accounting.phase(config, ctx.server_round)
+    runner, data, decay = round_inputs(ctx.model, config, ctx.server_round, train_data, ctx.features)
     result = train_round(
-        ctx.model,
-        train_data,
+        runner,
+        data,
         loss_fn=ctx.task.loss,
-        epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
+        epochs=now.epochs,
+        batch_size=now.batch_size,
+        learning_rate=now.learning_rate,
         dp=release.dp,
         device=pick_device(),
         progress=f"{terms.site_id} round {ctx.server_round}",
         proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
+        decay=decay,
     )
     if release.entry is not None and result.ran != [release.entry]:
         raise privacy.PrivacyError(

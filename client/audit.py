@@ -27,7 +27,7 @@ from flwr.common.config import parse_config_args
 
 from client import accounting
 from client.policy import Declined, PolicyError
-from client.site import SiteTerms, check_policy, site_label_names, site_tensors, site_terms
+from client.site import SiteTerms, check_policy, round_inputs, site_label_names, site_tensors, site_terms
 from common import privacy
 from common import task as tasks
 from common.audit_bound import epsilon_lower_bound, max_epsilon_lower_bound
@@ -36,7 +36,7 @@ from common.data import DataError
 from common.files import write_json_atomic
 from common.ledger import Ledger
 from common.model import ModelError, build_model, pick_device
-from common.train import TensorData, train_round
+from common.train import TensorData, features, train_round
 
 AUDIT_FORMAT = "privet-audit/1"
 AUDIT_FILE = "audit.json"
@@ -167,10 +167,11 @@ def audit_site(
     ledger = Ledger.read(terms.ledger_path, delta=terms.delta, accountant=config.accountant, site=terms.site_id)
     names = site_label_names(config, terms.policy)
     site_train, _ = site_tensors(terms, config, names, partition)
-    if len(site_train) - canaries < config.batch_size:
+    keep = min(config.batch_size, config.head_batch_size)
+    if len(site_train) - canaries < keep:
         raise AuditError(
             f"canaries={canaries} are taken from the site's {len(site_train)} training records and at least "
-            f"batch-size={config.batch_size} must stay; use at most {len(site_train) - config.batch_size} canaries"
+            f"{keep} (a batch) must stay; use at most {len(site_train) - keep} canaries"
         )
     # Which records become canaries, their wrong labels and the coin flips come from the OS entropy, never from the
     # run's public seed: guesses about flips anyone could predict would prove nothing.
@@ -191,9 +192,12 @@ def audit_site(
             release = accounting.release_for_round(
                 ledger, terms=terms, config=config, run=AUDIT_RUN, server_round=server_round, examples=len(train),
             )
+            now = accounting.phase(config, server_round)
+            runner, data, decay = round_inputs(model, config, server_round, train,
+                                               lambda: features(model, train, device=device))
             result = train_round(
-                model, train, loss_fn=task.loss, epochs=config.local_epochs, batch_size=config.batch_size,
-                learning_rate=config.learning_rate, dp=release.dp, device=device,
+                runner, data, loss_fn=task.loss, epochs=now.epochs, batch_size=now.batch_size,
+                learning_rate=now.learning_rate, dp=release.dp, device=device, decay=decay,
                 progress=f"audit round {server_round}/{rounds}",
                 proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
             )
@@ -225,6 +229,8 @@ def audit_site(
         explanation=explanation,
         training={
             "model": config.model, "task": config.task, "dp": config.dp, "rounds": rounds,
+            "lora_rounds": min(config.lora_rounds, rounds), "head_epochs": config.head_epochs,
+            "head_batch_size": config.head_batch_size, "head_learning_rate": config.head_learning_rate,
             "local_epochs": config.local_epochs, "steps_per_round": release.steps, "batch_size": config.batch_size,
             "learning_rate": config.learning_rate, "max_grad_norm": config.max_grad_norm,
             "noise_multiplier": release.dp.noise_multiplier if release.dp else None,

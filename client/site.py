@@ -22,8 +22,9 @@ from client.policy import Declined, SitePolicy
 from common import data as site_data
 from common import task as tasks
 from common.config import BUNDLED_DATASETS, POLICY_DATA, RunConfig
-from common.model import build_model, pick_device, weights_sha256
-from common.train import TensorData
+from common import adapters
+from common.model import HeadOnly, build_model, pick_device, weights_sha256
+from common.train import FeatureData, TensorData, features
 
 log = logging.getLogger("flwr.privet.site")
 
@@ -158,6 +159,37 @@ def site_tensors(
     everything = tasks.encode(examples.select(index), config, names)
     log.info("%s: %d training and %d validation examples", terms.site_id, len(train_idx), len(val_idx))
     return everything.subset(train_idx), everything.subset(val_idx)
+
+
+_FEATURES: dict[tuple, FeatureData] = {}
+FEATURE_CACHE_SIZE = 256
+
+
+def site_features(model, terms: SiteTerms, config: RunConfig, names: tuple[str, ...],
+                  partition: tuple[int, int] | None) -> FeatureData:
+    """The site's training examples as the model's encoder sees them, computed once per encoder state.
+
+    Head-only rounds leave the encoder as it is, so every such round of a run reuses one forward pass.
+    """
+    key = (terms, config, names, partition, adapters.encoder_fingerprint(model))
+    if key not in _FEATURES:
+        if len(_FEATURES) >= FEATURE_CACHE_SIZE:
+            _FEATURES.pop(next(iter(_FEATURES)))
+        train, _ = site_tensors(terms, config, names, partition)
+        _FEATURES[key] = features(model, train, device=pick_device())
+    return _FEATURES[key]
+
+
+def round_inputs(model, config: RunConfig, server_round: int, data: TensorData, head_features):
+    """What a round trains and on what: (module, data, learning-rate decay for the round).
+
+    Head-only rounds are DP linear probing: the head on the features `head_features()` returns, its learning rate
+    decaying linearly to 0 over those rounds; LoRA rounds train the whole adapter on the tokenized data.
+    """
+    if config.is_lora_round(server_round):
+        return model, data, (1.0, 1.0)
+    rounds, done = config.num_server_rounds - config.lora_rounds, server_round - 1
+    return HeadOnly(model), head_features(), (1 - done / rounds, 1 - (done + 1) / rounds)
 
 
 def check_policy(terms: SiteTerms, config: RunConfig, server_round: int) -> None:

@@ -71,6 +71,16 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             params[key].copy_(value.to(params[key].device, params[key].dtype))
 
 
+def encoder_fingerprint(model: nn.Module) -> str:
+    """A short hash of every LoRA matrix: equal fingerprints mean the encoder computes the same features."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if ".lora_" in name:
+            digest.update(name.encode())
+            digest.update(param.detach().to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def frozen_fingerprint(model: nn.Module) -> str:
     """A short hash of the frozen LoRA A matrices, so FFA-LoRA sites can prove they share the server's A."""
     digest = hashlib.sha256()

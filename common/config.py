@@ -50,6 +50,12 @@ class RunConfig:
     labels: str = ""
     model: str = "default"
     num_server_rounds: int = field(default=3, metadata=_range(1, 10_000))
+    # The first rounds train only the head, on features the frozen encoder computes once (DP linear probing); the
+    # last `lora-rounds` rounds train LoRA and the head. Chosen by bench/dp_recipe.py (README: Performance).
+    lora_rounds: int = field(default=0, metadata=_range(0, 10_000))
+    head_epochs: int = field(default=10, metadata=_range(1, 10_000))
+    head_batch_size: int = field(default=256, metadata=_range(1, 65_536))
+    head_learning_rate: float = field(default=0.03, metadata=_range(0, 10, lo_open=True))
     local_epochs: int = field(default=1, metadata=_range(1, 1_000))
     max_examples_per_site: int = field(default=1000, metadata=_range(0, None))
     max_length: int = field(default=64, metadata=_range(8, 8192))
@@ -97,6 +103,10 @@ class RunConfig:
         config = cls(**values)
         config._check_choices()
         return config
+
+    def is_lora_round(self, server_round: int) -> bool:
+        """Whether LoRA trains in this round (else only the head, on cached features)."""
+        return server_round > self.num_server_rounds - self.lora_rounds
 
     def to_mapping(self) -> dict[str, Any]:
         """The kebab-case dict Flower uses, e.g. for a run's saved configuration."""

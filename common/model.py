@@ -62,6 +62,9 @@ class _Head(nn.Module):
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(input_ids, attention_mask))
+
 
 class MeanPoolClassifier(_Head):
     """Masked mean-pooled, standardised token states feed the classifier: one label per text.
@@ -70,20 +73,37 @@ class MeanPoolClassifier(_Head):
     far faster than BERT's CLS pooler.
     """
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the classifier sees: one standardised vector per text."""
         hidden = self.states(input_ids, attention_mask)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         # Standardise the sentence vector (no parameters): MiniLM's pooled values spread only ~0.1, so an
         # unscaled head needs large weights that noisy DP steps of a small learning rate take long to reach.
-        return self.classifier(nn.functional.layer_norm(pooled, pooled.shape[-1:]))
+        return nn.functional.layer_norm(pooled, pooled.shape[-1:])
 
 
 class TokenClassifier(_Head):
     """Every token state feeds the classifier: one label per sub-word token."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.states(input_ids, attention_mask))
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the classifier sees: the encoder's state of every token."""
+        return self.states(input_ids, attention_mask)
+
+
+class HeadOnly(nn.Module):
+    """The adapter's head alone, fed features computed once by the frozen encoder: DP linear probing.
+
+    A per-example gradient of the head depends only on that example's features, so DP-SGD on cached
+    features is DP-SGD on the whole model with the encoder frozen (without dropout), at a fraction of the cost.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.head = next(module for name, module in model.named_modules() if name.endswith("classifier"))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
 
 
 def load_tokenizer(model: str):

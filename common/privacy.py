@@ -120,25 +120,25 @@ def _epsilon(history: tuple[Entry, ...], delta: float, accountant: str) -> tuple
 def calibrate_noise(
     target_epsilon: float,
     delta: float,
-    sample_rate: float,
-    steps: int,
+    schedule: Iterable[tuple[float, int]],
     *,
     prior: Iterable[Entry] = (),
     also: Iterable[Entry] = (),
     accountant: str = "prv",
     tolerance: float = 0.01,
 ) -> float:
-    """The smallest noise multiplier (within `tolerance` in ε) for `steps` DP-SGD steps at `sample_rate`.
+    """The smallest noise multiplier (within `tolerance` in ε) for DP-SGD run as `schedule`: (sample rate, steps) pairs,
+    all at that one noise multiplier.
 
     Whatever the ledger already holds (`prior`) and the other releases planned beside the training
     (`also`, e.g. evaluations) count towards `target_epsilon`.
     """
-    return _calibrate(target_epsilon, delta, sample_rate, steps, canonical(prior), canonical(also), accountant,
-                      tolerance)
+    phases = tuple((float(rate), int(steps)) for rate, steps in schedule if steps > 0)
+    return _calibrate(target_epsilon, delta, phases, canonical(prior), canonical(also), accountant, tolerance)
 
 
 @functools.lru_cache(maxsize=64)
-def _calibrate(target_epsilon, delta, sample_rate, steps, prior, also, accountant, tolerance) -> float:
+def _calibrate(target_epsilon, delta, phases, prior, also, accountant, tolerance) -> float:
     """Cached: simulated sites of equal size share one plan, and each PRV evaluation takes a while."""
     fixed = prior + also
     spent, _ = compute_epsilon(fixed, delta, accountant)
@@ -149,7 +149,7 @@ def _calibrate(target_epsilon, delta, sample_rate, steps, prior, also, accountan
         )
 
     def eps(sigma: float) -> float:
-        return compute_epsilon((*fixed, (sigma, sample_rate, steps)), delta, accountant)[0]
+        return compute_epsilon((*fixed, *((sigma, rate, steps) for rate, steps in phases)), delta, accountant)[0]
 
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:

@@ -35,6 +35,24 @@ class TensorData:
         index = torch.as_tensor(index, dtype=torch.long)
         return TensorData(self.input_ids[index], self.attention_mask[index], self.labels[index])
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The model's inputs, then the labels."""
+        return self.input_ids, self.attention_mask, self.labels
+
+
+@dataclass(frozen=True)
+class FeatureData:
+    """What the frozen encoder made of each example (its features for the head), and the labels."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.features, self.labels
+
 
 @dataclass(frozen=True)
 class DPSettings:
@@ -56,7 +74,7 @@ class TrainResult:
 
 def train_round(
     model: nn.Module,
-    data: TensorData,
+    data: TensorData | FeatureData,
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     epochs: int,
@@ -66,14 +84,16 @@ def train_round(
     device: torch.device | str = "cpu",
     progress: str | None = None,
     proximal_mu: float = 0.0,
+    decay: tuple[float, float] = (1.0, 1.0),
 ) -> TrainResult:
     """Train the model's trainable parameters in place for `epochs` passes over `data`.
 
     With `dp`, Opacus samples each batch by Poisson sampling and clips and noises per-example
     gradients, its randomness drawn from the operating system's entropy. With `proximal_mu` > 0
-    (FedProx), every step also pulls the weights toward those the round started from.
+    (FedProx), every step also pulls the weights toward those the round started from. The learning
+    rate moves linearly from ``decay[0]`` to ``decay[1]`` times `learning_rate` over the round.
     """
-    dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
+    dataset = TensorDataset(*data.tensors())
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=BETAS, weight_decay=0.0)
@@ -92,9 +112,13 @@ def train_round(
         # A bar only on a terminal: in logs and Ray workers it would be hundreds of lines.
         bar = tqdm(total=epochs * len(loader), desc=progress, leave=False,
                    disable=progress is None or not sys.stderr.isatty())
+        total, step = epochs * len(loader), 0
         for _ in range(epochs):
-            for input_ids, attention_mask, labels in loader:
-                loss = loss_fn(runner(input_ids.to(device), attention_mask.to(device)), labels.to(device))
+            for *inputs, labels in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate * (decay[0] + (decay[1] - decay[0]) * step / total)
+                step += 1
+                loss = loss_fn(runner(*(x.to(device) for x in inputs)), labels.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -129,6 +153,17 @@ def _proximal_step(params: list[nn.Parameter], anchor: list[torch.Tensor], rate:
     """
     for param, start in zip(params, anchor):
         param.sub_(param - start, alpha=rate)
+
+
+@torch.no_grad()
+def features(model: nn.Module, data: TensorData, *, batch_size: int = 128, device="cpu") -> FeatureData:
+    """Each example's features for the head, from the model's (frozen) encoder in evaluation mode, on the CPU."""
+    model.eval()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    chunks = [inner.features(data.input_ids[start:start + batch_size].to(device),
+                             data.attention_mask[start:start + batch_size].to(device)).cpu()
+              for start in range(0, len(data), batch_size)]
+    return FeatureData(torch.cat(chunks), data.labels)
 
 
 @torch.no_grad()

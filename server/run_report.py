@@ -25,7 +25,8 @@ from common.privacy import NOISE_RNG_NOTE
 from common.task import TASKS
 from server.checkpoint import read_rows
 
-PLOT_FILES = {"global": "report-global.png", "sites": "report-sites.png", "epsilon": "report-epsilon.png"}
+PLOT_FILES = {"global": "report-global.png", "sites": "report-sites.png", "epsilon": "report-epsilon.png",
+              "utility": "report-utility.png"}
 SOURCES = {"server-test-split": "server test split", "sites-weighted": "sites' validation (weighted, DP-noised)"}
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "entity_f1": "entity F1 (micro)",
           "entity_macro_f1": "entity macro-F1", "precision": "entity precision", "recall": "entity recall"}
@@ -87,6 +88,7 @@ def _sections(run: dict) -> tuple[str, list[tuple[str, list[tuple]]]]:
         ("Per-site metrics", _per_site(rows, sites, last, task)),
         ("Fairness across sites", _fairness(rows, last, task)),
         ("Privacy budget (ε) per site", _epsilon(rows, sites, eps, config)),
+        ("What each ε bought", _utility(rows, task)),
         ("Report of the final adapter", _classification(run["final"], task)),
         ("Declined, rejected and failed sites", _incidents(rows)),
         ("Transparency for the privacy officer", _transparency(config, eps, _central(last))),
@@ -186,6 +188,34 @@ def _final_epsilon(run: dict, sites: list[str]) -> dict[str, dict]:
                      "reported": last,
                      "source": f"ledger ({this_run} training round(s) of this run, {len(trained)} in all)"}
     return out
+
+
+def _utility(rows: list[dict], task) -> list[tuple]:
+    """The global score after each round against the ε the sites had spent by then: the run's utility curve."""
+    points = []
+    for row in rows:
+        spent = [s["epsilon"] for s in row["sites"] if s.get("epsilon") is not None and math.isfinite(s["epsilon"])]
+        if spent and row.get(task.primary) is not None:
+            points.append((max(spent), row[task.primary], row["round"]))
+    if not points:
+        return [("p", "No round reported both a global score and a finite ε, so there is no utility curve.")]
+    fig = Figure(figsize=(8, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    for x, y, rnd in points:
+        ax.annotate(f"round {rnd}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize="small")
+    ax.set(title=f"Global {LABELS[task.primary]} against the highest ε any site had spent", xlabel="ε (δ as "
+           "configured)", ylabel=LABELS[task.primary], ylim=(0, 1), xlim=(0, None))
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    table = [[rnd, _num(x), _num(y)] for x, y, rnd in points]
+    return [("p", "Each round buys accuracy with privacy budget: the global score after a round against the highest "
+                  "cumulative ε any site had spent by then. The README's Performance section has the same curve "
+                  "across target ε for the default recipe."),
+            ("img", "utility", buffer.getvalue(), f"Global {LABELS[task.primary]} against ε spent"),
+            ("table", ["round", "highest ε spent", LABELS[task.primary]], table)]
 
 
 def _epsilon(rows: list[dict], sites: list[str], eps: dict[str, dict], config: dict) -> list[tuple]:

@@ -145,5 +145,5 @@ def test_evaluate_returns_only_aggregate_scores(site, tiny_model_dir):
     tmp_path, data, overrides = site
     policy = write_policy(tmp_path, data, [weights_sha256(str(tiny_model_dir))])
     reply = evaluate(message(overrides, tiny_model_dir, kind=MessageType.EVALUATE), context(overrides, policy))
-    assert set(reply.content["metrics"]) == {"num-examples", "accuracy", "macro_f1", "epsilon"}
+    assert set(reply.content["metrics"]) == {"num-examples", "server-round", "accuracy", "macro_f1", "epsilon"}
     assert not reply.content.array_records

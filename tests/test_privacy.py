@@ -116,7 +116,7 @@ def test_two_processes_writing_one_ledger_lose_no_release(tmp_path):
 
 
 def test_calibrated_noise_meets_the_target_over_the_planned_steps():
-    sigma = calibrate_noise(3.0, DELTA, RATE, 5 * STEPS)
+    sigma = calibrate_noise(3.0, DELTA, [(RATE, 5 * STEPS)])
     spent, _ = compute_epsilon([(sigma, RATE, 5 * STEPS)], DELTA)
     assert 3.0 - 0.01 <= spent <= 3.0
     less_noise, _ = compute_epsilon([(sigma * 0.9, RATE, 5 * STEPS)], DELTA)
@@ -126,15 +126,15 @@ def test_calibrated_noise_meets_the_target_over_the_planned_steps():
 def test_calibration_counts_what_the_ledger_spent_and_the_evaluations_planned():
     prior = [(SIGMA, RATE, 3 * STEPS)]
     evaluations = [(5.0, 1.0, 3)]
-    sigma = calibrate_noise(8.0, DELTA, RATE, 3 * STEPS, prior=prior, also=evaluations)
+    sigma = calibrate_noise(8.0, DELTA, [(RATE, 3 * STEPS)], prior=prior, also=evaluations)
     total, _ = compute_epsilon([*prior, *evaluations, (sigma, RATE, 3 * STEPS)], DELTA)
     assert 8.0 - 0.01 <= total <= 8.0
-    assert sigma > calibrate_noise(8.0, DELTA, RATE, 3 * STEPS, prior=prior) > calibrate_noise(8.0, DELTA, RATE, 3 * STEPS)
+    assert sigma > calibrate_noise(8.0, DELTA, [(RATE, 3 * STEPS)], prior=prior) > calibrate_noise(8.0, DELTA, [(RATE, 3 * STEPS)])
 
 
 def test_calibration_refuses_when_the_budget_is_already_spent():
     with pytest.raises(PrivacyError, match="already spent"):
-        calibrate_noise(1.0, DELTA, RATE, STEPS, prior=[(0.5, RATE, 10 * STEPS)])
+        calibrate_noise(1.0, DELTA, [(RATE, STEPS)], prior=[(0.5, RATE, 10 * STEPS)])
 
 
 def test_poisson_schedule_matches_opacus_sampler():

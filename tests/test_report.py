@@ -21,8 +21,8 @@ SITES = ["site-a", "site-b", "site-c"]
 DECLINE = "site-b would reach ε=9.100 over its cap of 8 <policy>"
 SECTIONS = [
     "Overview", "Global metrics per round", "Per-site metrics", "Fairness across sites", "Privacy budget (ε) per site",
-    "Report of the final adapter", "Declined, rejected and failed sites",
-    "Transparency for the privacy officer", "Configuration",
+    "What each ε bought", "Report of the final adapter", "Declined, rejected and failed sites",
+    "Transparency for the privacy officer", "Empirical privacy audit", "Configuration",
 ]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -114,12 +114,12 @@ def report(tmp_path):
     return run, html_path, md_path
 
 
-def test_html_has_every_section_and_three_embedded_png_plots(report):
+def test_html_has_every_section_and_four_embedded_png_plots(report):
     run, html_path, _ = report
     assert html_path == run / "report.html"
     page = parse(html_path)
     assert page.headings == SECTIONS
-    assert len(page.images) == 3
+    assert len(page.images) == 4
     for src in page.images:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
@@ -156,7 +156,7 @@ def test_markdown_has_every_section_and_references_existing_pngs(report):
     text = md_path.read_text(encoding="utf-8")
     assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == SECTIONS
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(images) == 3
+    assert len(images) == 4
     for name in images:
         assert (run / name).read_bytes().startswith(PNG)
     assert DECLINE.replace("<", "&lt;") in text
@@ -167,7 +167,7 @@ def test_works_without_final_evaluation_or_ledgers(tmp_path):
     html_path, md_path = write_report(run)
     page = parse(html_path)
     assert page.headings == SECTIONS
-    assert len(page.images) == 3
+    assert len(page.images) == 4
     text = html_path.read_text(encoding="utf-8")
     assert "final_evaluation.json is absent" in text
     assert "reported by the site" in text
@@ -209,3 +209,19 @@ def test_screenshot_script_renders_the_report(report, tmp_path):
                    check=True, timeout=180, capture_output=True)
     data = out.read_bytes()
     assert data.startswith(PNG) and len(data) > 50_000
+
+
+def test_the_report_shows_the_utility_curve_and_an_audit_found_in_the_run(tmp_path):
+    run = make_run(tmp_path / "runs" / "audited")
+    (run / "audit.json").write_text(json.dumps({
+        "format": "privet-audit/1", "site": "site-a", "canaries": 1000, "canaries_included": 497, "guesses": 100,
+        "right": 52, "confidence": 0.95, "delta": 1e-5, "epsilon_lower_bound": 0.0, "epsilon_ceiling": 3.465,
+        "claimed_epsilon": 7.84, "verdict": "inconclusive at this size", "explanation": "no violation seen",
+        "wall_seconds": 508.0}))
+    _, md_path = write_report(run)
+    text = md_path.read_text(encoding="utf-8")
+    audit = text[text.index("## Empirical privacy audit"):]
+    assert "INCONCLUSIVE AT THIS SIZE" in audit and "3.465" in audit and "7.840" in audit
+    utility = text[text.index("## What each ε bought"):text.index("## Report of the final adapter")]
+    # Round 3: the highest ε any site had spent is 6.0 (site-c), and the global macro-F1 was 0.6.
+    assert "| 3 | 6.000 | 0.600 |" in utility

@@ -103,7 +103,7 @@ def federation(tiny_model_dir, tmp_path_factory):
         "dataset": str(data), "text-column": "text", "label-column": "product", "model": str(tiny_model_dir),
         "num-server-rounds": 1, "runs-dir": str(tmp / "runs"), "run-name": "secure", "batch-size": 8,
         "max-length": 16, "max-examples-per-site": 0, "target-epsilon": 4.0, "learning-rate": 0.02,
-        "accountant": "rdp", "min-sites": 3, "secure-aggregation": True,
+        "accountant": "rdp", "min-sites": 3, "secure-aggregation": True, "lora-rounds": 1,
     }
     secure_apps.RESULTS.clear()
     seconds = _simulate(secure_apps.server_app, secure_apps.client_app, 4, overrides)

@@ -25,8 +25,10 @@ def ledger_of(tmp_path):
     return json.loads((tmp_path / "state" / "ledger.json").read_text())
 
 
-def test_ledger_entry_is_what_the_opacus_optimizer_and_loader_really_ran(site, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("lora_rounds", [0, 3], ids=["head-only round", "LoRA round"])
+def test_ledger_entry_is_what_the_opacus_optimizer_and_loader_really_ran(site, tiny_model_dir, monkeypatch, lora_rounds):
     tmp_path, data, overrides = site
+    overrides = {**overrides, "lora-rounds": lora_rounds, "head-batch-size": 16}
     policy = policy_for(tmp_path, data, tiny_model_dir)
     seen = {}
     real = privacy.make_private
@@ -53,44 +55,69 @@ def test_ledger_entry_is_what_the_opacus_optimizer_and_loader_really_ran(site, t
     assert (trained[0]["noise_multiplier"], trained[0]["sample_rate"], trained[0]["steps"]) == (
         seen["sigma"], seen["rate"], seen["steps"])
     # Averaged over the public expected batch, sampled and noised by generators of its own, not the global one.
-    assert seen["batch"] == overrides["batch-size"]
+    batch = overrides["batch-size"] if lora_rounds else overrides["head-batch-size"]
+    assert seen["batch"] == batch
     assert seen["noise_rng"] is not None and seen["sample_rng"] is not None
     assert seen["noise_rng"] is not torch.default_generator and seen["sample_rng"] is not torch.default_generator
     # The public count the reply carries is the one the sample rate came from.
     count = reply.content["metrics"]["num-examples"]
-    assert seen["rate"] == privacy.poisson_schedule(count, overrides["batch-size"])[0]
+    assert seen["rate"] == privacy.poisson_schedule(count, batch)[0]
 
 
-def test_the_server_can_replay_neither_a_sites_update_nor_its_noise(site, tiny_model_dir, tmp_path_factory):
-    tmp_path, data, overrides = site
-    updates = []
-    for attempt in range(2):
-        home = tmp_path_factory.mktemp(f"site-{attempt}")
-        (home / data.name).write_text(data.read_text())
-        policy = policy_for(home, home / data.name, tiny_model_dir, 'public-example-count = 72\n')
-        reply = train(message(overrides, tiny_model_dir), context(overrides, policy))
-        updates.append({k: v.numpy() for k, v in reply.content["arrays"].items()})
-        entry = ledger_of(home)["rounds"][0]
-    # Same config, same data, same starting adapter: two runs release different updates.
-    assert any(not (updates[0][k] == updates[1][k]).all() for k in updates[0])
+def _site_update(home, data, overrides, tiny_model_dir):
+    """One fresh site (its own ledger) trains round 1; return its policy path, update and ledger entry."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / data.name).write_text(data.read_text())
+    policy = policy_for(home, home / data.name, tiny_model_dir, "public-example-count = 72\n")
+    reply = train(message(overrides, tiny_model_dir), context(overrides, policy))
+    update = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    return policy, update, ledger_of(home)["rounds"][0]
 
-    # The adversary knows the config (seed included), the data and the site's (σ, q, steps), and replays.
-    torch.manual_seed(42)
-    model = build_model(str(tiny_model_dir), len(LABELS), lora_r=8, lora_alpha=16, ffa=True, seed=42)
+
+def _replay(policy, overrides, entry, tiny_model_dir):
+    """The adversary: the config (seed included), the site's data and its (σ, q, steps), run through the same path."""
+    from flwr.common.config import get_fused_config_from_dir
+
     from client.site import site_label_names, site_terms, site_tensors
     from common.config import RunConfig
-    from flwr.common.config import get_fused_config_from_dir
+    from common.model import HeadOnly
     from tests.test_client import ROOT
 
     config = RunConfig.from_mapping(get_fused_config_from_dir(ROOT, overrides))
-    terms = site_terms(config, {"policy": str(policy)}, tmp_path)
+    terms = site_terms(config, {"policy": str(policy)}, policy.parent)
     train_data, _ = site_tensors(terms, config, site_label_names(config, terms.policy), None)
-    torch.manual_seed(42)
-    training.train_round(model, train_data, loss_fn=torch.nn.functional.cross_entropy, epochs=1,
-                         batch_size=overrides["batch-size"], learning_rate=config.learning_rate,
+    torch.manual_seed(config.seed)
+    model = build_model(str(tiny_model_dir), len(LABELS), lora_r=8, lora_alpha=16, ffa=True, seed=config.seed)
+    training.train_round(HeadOnly(model), training.features(model, train_data), loss_fn=torch.nn.functional.cross_entropy,
+                         epochs=config.head_epochs, batch_size=config.head_batch_size,
+                         learning_rate=config.head_learning_rate, decay=(1.0, 2 / 3),
                          dp=DPSettings(entry["noise_multiplier"], config.max_grad_norm, entry["sample_rate"]))
-    replay = {k: v.numpy() for k, v in adapters.to_record(adapters.trainable_state(model)).items()}
-    assert all(any(not (replay[k] == update[k]).all() for k in replay) for update in updates)
+    return {k: v.numpy() for k, v in adapters.to_record(adapters.trainable_state(model)).items()}
+
+
+def _differ(a, b) -> bool:
+    return any(not (a[k] == b[k]).all() for k in a)
+
+
+def test_the_server_can_replay_neither_a_sites_update_nor_its_noise(site, tiny_model_dir, monkeypatch):
+    tmp_path, data, overrides = site
+    # Control: with the noise taken out, the adversary's replay reproduces the site's update: the replay is faithful
+    # (72 declared records, full-batch Poisson sampling at rate 1: nothing else is random).
+    import opacus.optimizers.optimizer as dp_optimizer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dp_optimizer, "_generate_noise", lambda std, reference, *a, **k: torch.zeros_like(reference))
+        policy, quiet, entry = _site_update(tmp_path / "quiet", data, overrides, tiny_model_dir)
+        assert entry["sample_rate"] == 1.0
+        assert not _differ(quiet, _replay(policy, overrides, entry, tiny_model_dir))
+    # With the site's secret noise, two runs of the same config release different updates, and the replay matches none.
+    updates = []
+    for attempt in range(2):
+        policy, update, entry = _site_update(tmp_path / f"site-{attempt}", data, overrides, tiny_model_dir)
+        updates.append(update)
+    assert _differ(updates[0], updates[1])
+    replay = _replay(policy, overrides, entry, tiny_model_dir)
+    assert all(_differ(replay, update) for update in updates)
 
 
 def test_a_policy_site_never_opens_a_path_the_server_names(site, tiny_model_dir):
@@ -179,7 +206,7 @@ def test_a_declared_public_count_is_sent_as_is_and_costs_nothing(site, tiny_mode
     reply = train(message(overrides, tiny_model_dir), context(overrides, policy))
     assert reply.content["metrics"]["num-examples"] == 70
     assert [r["kind"] for r in ledger_of(tmp_path)["rounds"]] == ["train"]
-    assert set(reply.content["metrics"]) == {"num-examples", "steps", "epsilon"}  # no loss leaves the site
+    assert set(reply.content["metrics"]) == {"num-examples", "steps", "server-round", "epsilon"}  # no loss
 
 
 def test_a_dp_count_is_released_once_per_run_and_charged(site, tiny_model_dir):

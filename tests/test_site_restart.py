@@ -37,7 +37,8 @@ def _trained_rounds(path):
 def test_site_killed_mid_round_keeps_the_round_on_its_ledger_and_continues(site, tiny_model_dir):
     tmp_path, data, overrides = site
     # RDP: calibrating PRV for thousands of steps at ε=50 takes minutes, RDP well under a second.
-    overrides = {**overrides, "local-epochs": 200, "num-server-rounds": 2, "target-epsilon": 50.0, "accountant": "rdp"}
+    overrides = {**overrides, "local-epochs": 200, "lora-rounds": 2, "num-server-rounds": 2, "target-epsilon": 50.0,
+                 "accountant": "rdp"}
     policy = write_policy(tmp_path, data, [weights_sha256(str(tiny_model_dir))], cap=50.0)
     ledger_path = tmp_path / "state" / "ledger.json"
     proc = run_round(overrides, policy, tiny_model_dir, 1)
