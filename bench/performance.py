@@ -37,7 +37,7 @@ TARGETS = {
     "P3": "≤ 0.2% (bytes per site per round ÷ model)",
     "P4": "≥ 0.95 at ε=8 (federated ÷ centralized macro-F1)",
     "P5": "< 6 GB and flat in sites",
-    "P6": "≤ 15 min (make demo after install)",
+    "P6": "≤ 10 min (make demo after install)",
     "P7": "GPU vs CPU examples/s (GPU only)",
     "P8": "report (NER: federated ε=8 ÷ centralized non-private entity micro-F1)",
 }
@@ -64,7 +64,8 @@ def scores(config: RunConfig, model, data: TensorData) -> dict[str, float]:
     return run_task.scores(run_task.counts(data.labels, predict(model, data), names).sum(axis=0), names)
 
 
-def centralized(config: RunConfig, train: TensorData, val: TensorData, rates, epochs: int) -> dict:
+def centralized(config: RunConfig, train: TensorData, val: TensorData, rates, epochs: int,
+                batch_size: int | None = None) -> dict:
     """Plain (non-private) LoRA on pooled examples, the learning rate chosen on the validation examples."""
     run_task, names = task.get(config), task.label_names(config)
     best = None
@@ -72,7 +73,7 @@ def centralized(config: RunConfig, train: TensorData, val: TensorData, rates, ep
     for rate in rates:
         model = build_model(config.model, len(names), lora_r=config.lora_r, lora_alpha=config.lora_alpha, ffa=False,
                             seed=config.seed, head=run_task.head)
-        train_round(model, train, loss_fn=run_task.loss, epochs=epochs, batch_size=config.batch_size,
+        train_round(model, train, loss_fn=run_task.loss, epochs=epochs, batch_size=batch_size or config.batch_size,
                     learning_rate=rate, dp=None)
         by_rate[f"{rate:g}"] = scores(config, model, val)[run_task.primary]
         if best is None or by_rate[f"{rate:g}"] > by_rate[f"{best[0]:g}"]:
@@ -148,13 +149,15 @@ def p2_federation_overhead(sites: int = 2, rounds: int = 3, examples: int = 512)
     """P2: the simulated federation's round time over the same training and evaluation in a plain loop.
 
     Round 1 is left out on both sides: in the federation it includes start-up (Ray worker, imports,
-    model build, tokenization, noise calibration), which the target excludes.
+    model build, tokenization, noise calibration), which the target excludes. Both sides train LoRA every round
+    (``lora-rounds`` = all), the heavier recipe, so the figure is the framework's overhead over real work.
     """
-    run_config = f"num-server-rounds={rounds} max-examples-per-site={examples} eval-examples=200"
+    run_config = f"num-server-rounds={rounds} lora-rounds={rounds} max-examples-per-site={examples} eval-examples=200"
     with tempfile.TemporaryDirectory() as tmp:
         federated = simulate_subprocess(sites, run_config, Path(tmp))
     fed_rounds = [row["seconds"] for row in federated["rows"]]
-    config = RunConfig(num_server_rounds=rounds, max_examples_per_site=examples, eval_examples=200)
+    config = RunConfig(num_server_rounds=rounds, lora_rounds=rounds, max_examples_per_site=examples,
+                       eval_examples=200)
     data = sites_data(config, sites)
     names = task.label_names(config)
     test = task.central_test_set(config, limit=200)
@@ -184,21 +187,25 @@ def p2_federation_overhead(sites: int = 2, rounds: int = 3, examples: int = 512)
             "startup_and_final_s": federated["wall_s"] - sum(fed_rounds)}
 
 
-def p4_quality(epsilons=(1.0, 3.0, 8.0), sites: int = 4, rounds: int = 3, no_dp: bool = True) -> dict:
+def p4_quality(epsilons=(1.0, 3.0, 8.0), sites: int = 4, rounds: int = 3, no_dp: bool = True,
+               examples: int = 1000) -> dict:
     """P4: final macro-F1 of federated DP runs (and without DP) over centralized plain LoRA on the same data.
 
     The centralized baseline's learning rate is chosen on the sites' pooled validation splits, never on the test set.
+    `examples` is ``max-examples-per-site`` (0: each site's whole share), to see what more data per site buys.
     """
-    config = RunConfig(num_server_rounds=rounds)
+    config = RunConfig(num_server_rounds=rounds, max_examples_per_site=examples)
     data = sites_data(config, sites)
     chosen = centralized(config, pooled([t for t, _ in data]), pooled([v for _, v in data]),
                          (config.learning_rate, config.learning_rate / 4, config.learning_rate / 16), rounds)
     central = scores(config, chosen.pop("model"), task.central_test_set(config))["macro_f1"]
-    out = {"centralized_macro_f1": central, **chosen, "sites": sites, "rounds": rounds, "runs": {}}
+    out = {"centralized_macro_f1": central, **chosen, "sites": sites, "rounds": rounds,
+           "training_examples": sum(len(t) for t, _ in data), "runs": {}}
     runs = [(f"eps={e:g}", f"target-epsilon={e}") for e in epsilons] + ([("no-dp", "dp=false")] if no_dp else [])
     for label, run_config in runs:
         with tempfile.TemporaryDirectory() as tmp:
-            result = simulate_subprocess(sites, f"{run_config} num-server-rounds={rounds}", Path(tmp))
+            result = simulate_subprocess(
+                sites, f"{run_config} num-server-rounds={rounds} max-examples-per-site={examples}", Path(tmp))
         f1 = result["final"]["macro_f1"]
         out["runs"][label] = {"macro_f1": f1, "ratio": f1 / central, "wall_s": result["wall_s"]}
     out["figure"] = out["runs"].get("eps=8", {}).get("ratio")
@@ -249,12 +256,17 @@ def p7_gpu(steps: int = 20) -> dict | None:
 
 def p8_ner(sites: int = 3, rounds: int = 3) -> dict:
     """P8: named entities, federated at ε=8 against the same sentences trained centrally without DP, on ner-demo's
-    test split (entity micro-F1, seqeval strict IOB2); the centralized learning rate is chosen on validation."""
+    test split (entity micro-F1, seqeval strict IOB2); the centralized learning rate is chosen on validation.
+
+    The centralized baseline trains at batch 32: at the run's batch 128 its 3 epochs are ~40 steps, after which
+    plain LoRA still tags every word O (entity F1 0 at learning rates 0.005, 0.02 and 0.05).
+    """
     run_config = f"task='token-classification' dataset='ner-demo' num-server-rounds={rounds}"
     config = RunConfig(task="token-classification", dataset="ner-demo", num_server_rounds=rounds)
     data = sites_data(config, sites)
     chosen = centralized(config, pooled([t for t, _ in data]), pooled([v for _, v in data]),
-                         (config.learning_rate, config.learning_rate / 4, config.learning_rate * 2.5), rounds)
+                         (config.learning_rate / 10, config.learning_rate / 4, config.learning_rate), rounds,
+                         batch_size=32)
     central = scores(config, chosen.pop("model"), task.central_test_set(config))["entity_f1"]
     with tempfile.TemporaryDirectory() as tmp:
         result = simulate_subprocess(sites, run_config, Path(tmp))
@@ -274,10 +286,13 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset, e.g. P1,P3")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--p4-runs", default="1,3,8,no-dp", help="P4's federated runs: target ε values and/or no-dp")
+    parser.add_argument("--p4-examples", type=int, default=1000,
+                        help="P4's max-examples-per-site (0: each site's whole share of the bank data)")
     args = parser.parse_args(argv)
     wanted = [part.strip() for part in args.p4_runs.split(",") if part.strip()]
     BENCHES["P4"] = functools.partial(
-        p4_quality, epsilons=tuple(float(e) for e in wanted if e != "no-dp"), no_dp="no-dp" in wanted
+        p4_quality, epsilons=tuple(float(e) for e in wanted if e != "no-dp"), no_dp="no-dp" in wanted,
+        examples=args.p4_examples,
     )
     chosen = [name.strip().upper() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in BENCHES]

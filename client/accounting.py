@@ -4,7 +4,8 @@ Everything a site sends is either inside its ε or declared public by its policy
 
 * the example count (FedAvg weight, and what the sampling rate and step count derive from): the
   policy's ``public-example-count``, or a Gaussian-noised count released once per run;
-* the adapter: DP-SGD with the noise calibrated once per plan over all the run's remaining releases;
+* the adapter (the head alone in head-only rounds, LoRA and the head in LoRA rounds): DP-SGD at one noise
+  multiplier, calibrated once per plan over all the run's remaining releases;
 * evaluation scores: sums of per-example counts with Gaussian noise, at most one per round.
 """
 
@@ -26,6 +27,8 @@ log = logging.getLogger("flwr.privet.site")
 # The count's noise: one release per run costs a few thousandths of ε at δ=1e-5, and a sampling
 # rate off by a few percent costs nothing that matters.
 COUNT_NOISE_MULTIPLIER = 20.0
+# With eval-noise-multiplier=0, a run's evaluations alone may cost at most this share of the site's target ε.
+EVAL_SHARE = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,9 @@ class Plan:
     accountant: str
 
     def schedule(self, head_rounds: int, lora_rounds: int) -> list[tuple[float, int]]:
-        return [(self.head_sample_rate, self.head_steps * head_rounds), (self.lora_sample_rate, self.lora_steps * lora_rounds)]
+        """(sample rate, steps) of that many more rounds of each phase."""
+        return [(self.head_sample_rate, self.head_steps * head_rounds),
+                (self.lora_sample_rate, self.lora_steps * lora_rounds)]
 
     def releases(self, sigma: float, head_rounds: int, lora_rounds: int) -> list[Entry]:
         """The entries that many more rounds at noise `sigma` would add to the ledger."""
@@ -80,6 +85,19 @@ class Plan:
         if self.eval_noise is not None:
             planned.append((self.eval_noise, 1.0, head_rounds + lora_rounds))
         return planned
+
+
+def eval_noise(config: RunConfig, terms: SiteTerms) -> float:
+    """The noise multiplier of this run's evaluation releases: the run's, or the site's automatic choice.
+
+    Automatic: the smallest noise at which the run's planned evaluations, taken alone, cost at most an eighth
+    of the target ε, so evaluations never starve training, whatever the target (ε=1 included).
+    """
+    if config.eval_noise_multiplier > 0:
+        return config.eval_noise_multiplier
+    rounds = min(config.num_server_rounds, terms.max_rounds)
+    target = min(config.target_epsilon, terms.epsilon_cap)
+    return privacy.calibrate_noise(target * EVAL_SHARE, terms.delta, [(1.0, rounds)], accountant=config.accountant)
 
 
 def release_for_round(
@@ -100,6 +118,12 @@ def release_for_round(
             f"{terms.site_id}: δ={terms.delta:g} is not below 1/N for its N≈{count} training records, so one "
             f"record's leak would fit inside δ; set delta below {1.0 / count:.1e}"
         )
+    if not now.head_only and count < config.batch_size:
+        # Checked on the public count: a check on the exact one would answer the server's batch-size probes for free.
+        raise Declined(
+            f"{terms.site_id}: its public example count {count} is below batch-size {config.batch_size}; "
+            "lower batch-size (LoRA rounds need a full expected batch)"
+        )
     head_rate, head_per_epoch = privacy.poisson_schedule(count, config.head_batch_size)
     lora_rate, lora_per_epoch = privacy.poisson_schedule(count, config.batch_size)
     plan = Plan(
@@ -108,7 +132,7 @@ def release_for_round(
         head_steps=config.head_epochs * head_per_epoch,
         lora_sample_rate=lora_rate,
         lora_steps=config.local_epochs * lora_per_epoch,
-        eval_noise=config.eval_noise_multiplier if terms.evaluate else None,
+        eval_noise=eval_noise(config, terms) if terms.evaluate else None,
         accountant=ledger.accountant,
     )
     last = min(config.num_server_rounds, terms.max_rounds)
@@ -117,34 +141,35 @@ def release_for_round(
     sigma = _noise_for_plan(ledger, run, plan, head_left, len(left) - head_left, terms.site_id)
     sample_rate, steps = (head_rate, plan.head_steps) if now.head_only else (lora_rate, plan.lora_steps)
     entry = (sigma, sample_rate, steps)
-    after = ledger.epsilon_with(entry)
-    if after > terms.epsilon_cap:
-        raise Declined(
-            f"{terms.site_id} has spent ε={ledger.epsilon:.3f}; this round would reach ε={after:.3f}, "
-            f"over its cap of {terms.epsilon_cap}"
-        )
-    epsilon = ledger.record(run, server_round, "train", entry)
-    log.info("%s: training release %s (noise multiplier, sample rate, steps) recorded; ε so far %.4f",
-             terms.site_id, entry, epsilon)
+    epsilon = _charge(ledger, terms, run, server_round, "train", entry)
     return RoundRelease(DPSettings(sigma, config.max_grad_norm, sample_rate), count, steps, entry, epsilon)
 
 
 def charge_evaluation(ledger: Ledger, *, terms: SiteTerms, config: RunConfig, run: str, server_round: int) -> float:
-    """Record one evaluation release for this round, or refuse a second one or one past the cap; return ε so far."""
+    """Record one evaluation release for this round, or refuse a second one or one past the cap; return ε so far.
+
+    The release's noise is `eval_noise(config, terms)`, the one the run's plan counted in.
+    """
     if ledger.has(run, server_round, "evaluate"):
         raise Declined(
             f"{terms.site_id} already answered an evaluation for round {server_round} of run {run}; "
             "a site answers one per round"
         )
-    entry = (config.eval_noise_multiplier, 1.0, 1)
+    return _charge(ledger, terms, run, server_round, "evaluate", (eval_noise(config, terms), 1.0, 1))
+
+
+def _charge(ledger: Ledger, terms: SiteTerms, run: str, server_round: int, kind: str, entry: Entry) -> float:
+    """Record `entry` in the ledger unless it would take the site past its cap; return ε so far."""
     after = ledger.epsilon_with(entry)
     if after > terms.epsilon_cap:
+        doing = "this round's training" if kind == "train" else "evaluating"
         raise Declined(
-            f"{terms.site_id} has spent ε={ledger.epsilon:.3f}; evaluating would reach ε={after:.3f}, "
+            f"{terms.site_id} has spent ε={ledger.epsilon:.3f}; {doing} would reach ε={after:.3f}, "
             f"over its cap of {terms.epsilon_cap}"
         )
-    epsilon = ledger.record(run, server_round, "evaluate", entry)
-    log.info("%s: evaluation release %s recorded; ε so far %.4f", terms.site_id, entry, epsilon)
+    epsilon = ledger.record(run, server_round, kind, entry)
+    log.info("%s: %s release %s (noise multiplier, sample rate, steps) recorded; ε so far %.4f",
+             terms.site_id, kind, entry, epsilon)
     return epsilon
 
 

@@ -154,7 +154,7 @@ def _evaluate(ctx: _Context) -> RecordDict:
     rows = np.hstack([np.ones((len(val_data), 1)), task.counts(val_data.labels, predictions, ctx.names)])
     if config.dp:
         summed = privacy.gaussian_sum(rows, bound=math.sqrt(1 + task.count_bound**2),
-                                      noise_multiplier=config.eval_noise_multiplier)
+                                      noise_multiplier=accounting.eval_noise(config, terms))
     else:
         summed = rows.sum(axis=0)
     metrics = {"num-examples": max(1, int(round(summed[0]))), "server-round": ctx.server_round,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,9 +137,13 @@ class SitePolicy:
         if not config.dp:
             raise Declined(f"site {self.site_id} policy requires DP training; the run asks dp=false")
         if model_sha256 not in self.allowed_models:
+            # The hash stays in the site's log: in the reply it would describe a file the server chose to point at.
+            logging.getLogger("flwr.privet.site").warning(
+                "site %s: model %r has weights sha256 %s, which allowed-models does not list",
+                self.site_id, config.model, model_sha256)
             raise Declined(
-                f"site {self.site_id} policy does not allow model {config.model!r} "
-                f"(weights sha256 {model_sha256[:12]}…); ask the site administrator to add it to allowed-models"
+                f"site {self.site_id} policy does not allow model {config.model!r}; ask the site administrator to "
+                "add its hash (privet model-hash) to allowed-models"
             )
 
 

@@ -131,8 +131,17 @@ def site_tensors(
     task = tasks.get(config)
     policy = terms.policy
     if policy is not None:
-        examples = tasks.read_file(config.task, str(policy.data_path), policy.text_column, policy.label_column, names)
         source = str(policy.data_path)
+        own = names if policy.labels else None
+        examples = tasks.read_file(config.task, source, policy.text_column, policy.label_column, own)
+        if own is None:
+            # The label set is the run's. Refusing over a record outside it would tell the server, for free, whether
+            # the site holds that label; such records are left out instead, and only the site's log says so.
+            keep = task.within(examples, names)
+            if len(keep) < len(examples):
+                log.warning("%s: %d record(s) with a label outside the run's label set are left out; set labels in "
+                            "the site policy to refuse such runs instead", terms.site_id, len(examples) - len(keep))
+                examples = examples.select(keep)
     elif config.dataset in BUNDLED_DATASETS:
         examples = site_data.load_bundled(config.dataset).train
         source = f"bundled data set {config.dataset!r}"
@@ -155,7 +164,8 @@ def site_tensors(
         index = np.array(sorted(index, key=lambda i: site_data.record_bucket("cap:" + keys[i]))[: policy.max_examples])
         index = np.sort(index)
     train_idx, val_idx = site_data.split_train_val([keys[i] for i in index], VAL_FRACTION)
-    site_data.check_enough_examples(len(train_idx), config.batch_size, source)
+    if not len(train_idx):
+        raise site_data.DataError(f"{source}: no training examples. Fix: add examples.")
     everything = tasks.encode(examples.select(index), config, names)
     log.info("%s: %d training and %d validation examples", terms.site_id, len(train_idx), len(val_idx))
     return everything.subset(train_idx), everything.subset(val_idx)

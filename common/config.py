@@ -64,7 +64,8 @@ class RunConfig:
     dp: bool = True
     target_epsilon: float = field(default=8.0, metadata=_range(0, 100, lo_open=True))
     delta: float = field(default=1e-5, metadata=_range(0, 0.1, lo_open=True))
-    eval_noise_multiplier: float = field(default=5.0, metadata=_range(0, None, lo_open=True))
+    # 0: each site picks the noise at which its planned evaluations alone cost at most an eighth of its target ε.
+    eval_noise_multiplier: float = field(default=0.0, metadata=_range(0, None))
     max_grad_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
     accountant: str = "prv"
     lora_r: int = field(default=8, metadata=_range(1, 1024))

@@ -419,14 +419,6 @@ def record_bucket(key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def check_enough_examples(n: int, batch_size: int, source: str) -> None:
-    """Raise DataError when a site has fewer training examples than one batch."""
-    if n >= batch_size:
-        return
-    fix = "add examples" if n == 0 else f"lower batch-size to at most {n} or add examples"
-    raise DataError(f"{source}: {n} training examples, fewer than batch-size {batch_size}. Fix: {fix}.")
-
-
 def tokenize(texts: Sequence[str], tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask (int64), truncated and padded to max_length."""
     if not texts:

@@ -42,6 +42,10 @@ class Task:
     def labels_in(self, examples) -> set[str]:
         raise NotImplementedError
 
+    def within(self, examples, label_names: Sequence[str]) -> list[int]:
+        """Indexes of the examples whose labels all belong to `label_names`."""
+        raise NotImplementedError
+
     def record_keys(self, examples) -> list[str]:
         """One string per example that identifies its content, for the stable train/validation split."""
         raise NotImplementedError
@@ -83,6 +87,10 @@ class SequenceClassification(Task):
 
     def labels_in(self, examples):
         return set(examples.labels)
+
+    def within(self, examples, label_names):
+        allowed = set(label_names)
+        return [i for i, label in enumerate(examples.labels) if label in allowed]
 
     def record_keys(self, examples):
         return list(examples.texts)
@@ -127,6 +135,10 @@ class TokenClassification(Task):
 
     def labels_in(self, examples):
         return set(token_data.label_set(examples))
+
+    def within(self, examples, label_names):
+        allowed = set(label_names)
+        return [i for i, tags in enumerate(examples.tags) if set(tags) <= allowed]
 
     def record_keys(self, examples):
         return [" ".join(tokens) for tokens in examples.tokens]

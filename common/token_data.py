@@ -230,9 +230,9 @@ def _checked(
         # Cutting an IOB2 sequence keeps it valid IOB2: an entity cut at the limit just ends there.
         tokens, tags = [words[:max_words] for words in tokens], [labels[:max_words] for labels in tags]
         log.warning(
-            "%s: %d sentence(s) longer than %d words (the longest has %d) were cut to that length; "
+            "%s: %d sentence(s) longer than %d words were cut to that length; "
             "a file without blank lines between sentences reads as one long sentence",
-            where, len(long), max_words, max(long),
+            where, len(long), max_words,
         )
     return TokenExamples(tokens, tags)
 

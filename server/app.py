@@ -80,9 +80,12 @@ class Federation:
             self.identities = SiteIdentities()
             log.info("no site-registry: each node is bound to the first site id it names (fine for simulation; "
                      "a deployment should bind sites to their registered keys)")
-        # A sound bound on an honest DP-SGD update's size, whatever the site's data (README: screening).
-        steps = config.local_epochs * -(-config.max_site_weight // config.batch_size)
-        self.ceiling = config.max_update_norm or update_ceiling(config.learning_rate, steps, self.spec)
+        # A sound bound on an honest DP-SGD update's size, whatever the site's data (README: screening): the larger
+        # of what a LoRA round and a head-only round can move.
+        lora_steps = config.local_epochs * -(-config.max_site_weight // config.batch_size)
+        head_steps = config.head_epochs * -(-config.max_site_weight // config.head_batch_size)
+        self.ceiling = config.max_update_norm or max(update_ceiling(config.learning_rate, lora_steps, self.spec),
+                                                     update_ceiling(config.head_learning_rate, head_steps, self.spec))
         self.reference_norm: float | None = None
         self.secure = None
         if config.secure_aggregation:

@@ -287,14 +287,6 @@ def test_split_train_val_is_by_content_not_by_row_order_or_seed():
     assert {shuffled[i] for i in val_again} & set(keys) == in_val
 
 
-def test_check_enough_examples():
-    data.check_enough_examples(32, 32, "site.csv")
-    with pytest.raises(DataError) as caught:
-        data.check_enough_examples(20, 32, "site.csv")
-    message = str(caught.value)
-    assert "site.csv" in message and "20" in message and "lower batch-size to at most 20 or add examples" in message
-
-
 # Tokenization.
 
 

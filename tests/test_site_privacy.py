@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import MessageType
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from client.app import evaluate, train
 from common import adapters, privacy
@@ -177,11 +177,47 @@ def test_one_evaluation_per_round_each_charged_and_noised(site, tiny_model_dir):
     later = evaluate(message(overrides, tiny_model_dir, 2, kind=MessageType.EVALUATE), context(overrides, policy))
     ledger = ledger_of(tmp_path)
     assert [r["kind"] for r in ledger["rounds"]] == ["evaluate", "evaluate"]
-    assert ledger["history"] == [[5.0, 1.0, 2]]  # eval-noise-multiplier 5, sensitivity-normalised, twice
+    ((sigma, rate, releases),) = ledger["history"]
+    assert (rate, releases) == (1.0, 2)  # two Gaussian releases of sensitivity-normalised counts
+    # eval-noise-multiplier=0: the site's own choice, at which the run's 3 evaluations alone cost an eighth of ε=2.
+    assert privacy.compute_epsilon([(sigma, 1.0, 3)], 1e-5)[0] == pytest.approx(2.0 / 8, abs=0.011)
+    assert privacy.compute_epsilon([(sigma * 0.9, 1.0, 3)], 1e-5)[0] > 2.0 / 8
     scores = [reply.content["metrics"] for reply in (first, later)]
     # The same adapter on the same validation split: only the noise differs.
     assert scores[0]["accuracy"] != scores[1]["accuracy"] or scores[0]["num-examples"] != scores[1]["num-examples"]
     assert all(0 <= s[key] <= 1 for s in scores for key in ("accuracy", "macro_f1"))
+
+
+def test_the_server_cannot_binary_search_the_exact_count_with_batch_size(site, tiny_model_dir):
+    tmp_path, data, overrides = site  # 80 records, about 72 of them for training
+    policy = policy_for(tmp_path, data, tiny_model_dir)
+    evaluate(message(overrides, tiny_model_dir, kind=MessageType.EVALUATE), context(overrides, policy))
+    # Free probes (round 1 is answered already): the reply must not depend on whether batch-size exceeds the count.
+    reasons = {evaluate(message({**overrides, "batch-size": b}, tiny_model_dir, kind=MessageType.EVALUATE),
+                        context({**overrides, "batch-size": b}, policy)).content["decline"]["reason"] for b in (8, 500)}
+    assert len(reasons) == 1 and "already answered" in reasons.pop()
+    # A LoRA round too large for the site is refused on its DP count, which is charged before anything depends on it.
+    lora = {**overrides, "batch-size": 500, "lora-rounds": 3}
+    reason = train(message(lora, tiny_model_dir), context(lora, policy)).content["decline"]["reason"]
+    assert "public example count" in reason and "below batch-size 500" in reason
+    assert [r["kind"] for r in ledger_of(tmp_path)["rounds"]] == ["evaluate", "count"]
+
+
+def test_the_server_cannot_test_for_a_label_by_leaving_it_out_of_the_run(site, tiny_model_dir):
+    tmp_path, data, overrides = site  # the site's records carry all three labels; its policy names none
+    policy = policy_for(tmp_path, data, tiny_model_dir)
+    narrowed = {**overrides, "labels": ",".join(LABELS[:2])}
+    model = build_model(str(tiny_model_dir), 2, lora_r=8, lora_alpha=16, ffa=True, seed=42)
+    config = ConfigRecord({"run-name": "r1", "runs-dir": "/nonexistent", "server-round": 1, "frozen-a": ""})
+    msg = Message(RecordDict({"arrays": adapters.to_record(adapters.trainable_state(model)), "config": config}),
+                  dst_node_id=7, message_type=MessageType.TRAIN)
+    reply = train(msg, context(narrowed, policy))
+    # Trained, not refused: a refusal would have told the server that the site holds a record labelled LABELS[2].
+    assert "decline" not in reply.content and "arrays" in reply.content
+    # With its own label set in the policy, the site refuses any other set before reading its data.
+    strict = policy_for(tmp_path, data, tiny_model_dir, f"labels = {json.dumps(LABELS)}\n")
+    reason = train(msg, context(narrowed, strict)).content["decline"]["reason"]
+    assert "label set" in reason and "differs from the run's" in reason
 
 
 def test_a_site_can_switch_evaluation_off(site, tiny_model_dir):
