@@ -408,10 +408,13 @@ def study_train(module: nn.Module, data: TensorData, *, epochs: int, batch_size:
                     else lr * _schedule(schedule, step, total)
                 for group in opt.param_groups:
                     group["lr"] = rate
-                loss = TASK.loss(runner(x, mask), labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if private is not None and not len(labels):
+                    opt.noise_step()  # an empty Poisson batch: noise only, as train_round takes it
+                else:
+                    loss = TASK.loss(runner(x, mask), labels)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
                 step += 1
                 if tail is not None and step > total // 2:  # Polyak-Ruppert tail average: post-processing
                     tail_n += 1

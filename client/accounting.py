@@ -29,6 +29,8 @@ log = logging.getLogger("flwr.privet.site")
 COUNT_NOISE_MULTIPLIER = 20.0
 # With eval-noise-multiplier=0, a run's evaluations alone may cost at most this share of the site's target ε.
 EVAL_SHARE = 1 / 8
+# A site runs at most this many DP-SGD steps in one round, so no run config can keep it training without end.
+MAX_STEPS_PER_ROUND = 100_000
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,13 @@ def release_for_round(
         )
     head_rate, head_per_epoch = privacy.poisson_schedule(count, config.head_batch_size)
     lora_rate, lora_per_epoch = privacy.poisson_schedule(count, config.batch_size)
+    steps_now = now.epochs * (head_per_epoch if now.head_only else lora_per_epoch)
+    if steps_now > MAX_STEPS_PER_ROUND:
+        epochs_key, batch_key = ("head-epochs", "head-batch-size") if now.head_only else ("local-epochs", "batch-size")
+        raise Declined(
+            f"{terms.site_id}: this round would take {steps_now} DP-SGD steps for its public example count {count}, "
+            f"more than the {MAX_STEPS_PER_ROUND} a site runs in a round; lower {epochs_key} or raise {batch_key}"
+        )
     plan = Plan(
         target=min(config.target_epsilon, terms.epsilon_cap),
         head_sample_rate=head_rate,

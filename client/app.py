@@ -14,20 +14,20 @@ from pathlib import Path
 import common.offline  # noqa: F401  (before flwr: no telemetry, update check or code install)
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import accounting
 from client.policy import Declined, PolicyError
 from client.secure import secure_train_mod
-from client.site import (checked_run_name, check_policy, round_inputs, shared_model, site_features, site_label_names,
-                         site_tensors, site_terms)
+from client.site import (checked_run_name, check_global, check_policy, round_inputs, shared_model, site_features,
+                         site_label_names, site_tensors, site_terms)
 from common import adapters, privacy
 from common import task as tasks
 from common.config import ConfigError, RunConfig
 from common.data import DataError
 from common.ledger import Ledger
-from common.model import ModelError, pick_device
+from common.model import ModelError, check_max_length, pick_device
 from common.train import predict, train_round
 
 log = logging.getLogger("flwr.privet.site")
@@ -51,18 +51,26 @@ class _Context:
         self.partition = partition
 
     def prepare(self, msg: Message) -> None:
-        """Check the site's policy, then load the global adapter into this process' shared model."""
+        """Check the site's policy and the server's model, then load the global adapter into the shared model.
+
+        Everything here depends on public values and the server's own message only: no data is read yet.
+        """
         check_policy(self.terms, self.config, self.server_round)
         config = self.config
         self.names = site_label_names(config, self.terms.policy)
-        self.model = shared_model(
+        self.model, start = shared_model(
             config.model, config.task, len(self.names), config.lora_r, config.lora_alpha,
             config.aggregation == "ffa-lora", config.seed,
         )
+        check_max_length(self.model, config.max_length)
         expected_a = str(msg.content["config"].get("frozen-a", ""))
         if expected_a and expected_a != adapters.frozen_fingerprint(self.model):
             raise Declined("this site's frozen LoRA A differs from the server's; check model, lora-r and seed")
-        adapters.load_state(self.model, adapters.from_record(msg.content["arrays"], adapters.expected_spec(self.model)))
+        state = adapters.from_record(msg.content["arrays"], adapters.expected_spec(self.model))
+        # A round trains the global of the rounds before it and evaluates the one it produced.
+        is_train = msg.metadata.message_type == MessageType.TRAIN
+        check_global(state, start, config, self.server_round - 1 if is_train else self.server_round)
+        adapters.load_state(self.model, state)
 
     def data(self):
         return site_tensors(self.terms, self.config, self.names, self.partition)
@@ -82,6 +90,8 @@ def _reply(msg: Message, handler, context: Context) -> Message:
         ctx = _Context(msg, context)
         site = ctx.terms.site_id
         ctx.prepare(msg)
+        # Dropout and anything else drawn from PyTorch's global generators: secret, never the default or the run's seed.
+        privacy.reseed_global_generators()
         return Message(handler(ctx), reply_to=msg)
     except (Declined, PolicyError, ConfigError, ModelError, privacy.PrivacyError, adapters.UpdateError) as err:
         reason = str(err)

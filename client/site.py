@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from client.policy import Declined, SitePolicy
 from common import data as site_data
 from common import task as tasks
+from common.bounds import global_distance_bound
 from common.config import BUNDLED_DATASETS, POLICY_DATA, RunConfig
 from common import adapters
 from common.model import HeadOnly, build_model, pick_device, weights_sha256
@@ -111,11 +113,31 @@ def site_label_names(config: RunConfig, policy: SitePolicy | None) -> tuple[str,
 
 @functools.lru_cache(maxsize=4)
 def shared_model(model: str, task_name: str, num_labels: int, lora_r: int, lora_alpha: int, ffa: bool, seed: int):
-    """One model per process; every site simulated in it loads the global adapter into it before use."""
-    return build_model(
+    """One model per process, and its public start (the trainable tensors every party builds from the seed).
+
+    Every site simulated in this process loads the global adapter into the model before use.
+    """
+    built = build_model(
         model, num_labels, lora_r=lora_r, lora_alpha=lora_alpha, ffa=ffa, seed=seed,
         head=tasks.TASKS[task_name].head, device=pick_device(),
     )
+    return built, adapters.trainable_state(built)
+
+
+def check_global(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], config: RunConfig,
+                 aggregations: int) -> None:
+    """Raise ``Declined`` for a global adapter that `aggregations` rounds of honest updates could not have produced.
+
+    Called before any data is read: the bound and the distance depend on the run config and the
+    server's own message only, so the decline tells the server nothing it did not send.
+    """
+    distance = float(sum(torch.sum((state[key].double() - start[key].double()) ** 2) for key in start)) ** 0.5
+    bound = global_distance_bound(config, {key: tuple(value.shape) for key, value in start.items()}, aggregations)
+    if not distance <= bound:
+        raise Declined(
+            f"the global adapter is {distance:.4g} from the run's public start, farther than {aggregations} round(s) "
+            f"of honest updates can move it ({bound:.4g}); a site does not use a model no honest run produces"
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -133,6 +155,10 @@ def site_tensors(
     if policy is not None:
         source = str(policy.data_path)
         own = names if policy.labels else None
+        # A file the site cannot read makes it decline ("cannot use its data"). That is outside the record domain:
+        # DP covers adding or removing one valid record, which never makes a readable file unreadable. The run's
+        # task only picks the reader, and a file in the other task's format fails at its header or its first
+        # record, whatever the records are: neither reveals one of them.
         examples = tasks.read_file(config.task, source, policy.text_column, policy.label_column, own)
         if own is None:
             # The label set is the run's. Refusing over a record outside it would tell the server, for free, whether
@@ -163,11 +189,11 @@ def site_tensors(
         # The site's own cap: records chosen by content, so the same ones in every run.
         index = np.array(sorted(index, key=lambda i: site_data.record_bucket("cap:" + keys[i]))[: policy.max_examples])
         index = np.sort(index)
+    # No records left (the run's label set, a tiny file) is no reason to refuse: whether any are left depends on
+    # the exact records. The site trains on none (its update is noise only) and evaluates none (noise only).
     train_idx, val_idx = site_data.split_train_val([keys[i] for i in index], VAL_FRACTION)
-    if not len(train_idx):
-        raise site_data.DataError(f"{source}: no training examples. Fix: add examples.")
     everything = tasks.encode(examples.select(index), config, names)
-    log.info("%s: %d training and %d validation examples", terms.site_id, len(train_idx), len(val_idx))
+    log.info("%s: %d training and %d validation examples from %s", terms.site_id, len(train_idx), len(val_idx), source)
     return everything.subset(train_idx), everything.subset(val_idx)
 
 

@@ -24,6 +24,9 @@ TASKS = ("sequence-classification", "token-classification")
 BUNDLED_DATASETS = {"bank": TASKS[0], "hospital": TASKS[0], "ner-demo": TASKS[1]}
 # dataset='policy': every site trains on the data its own policy names (a deployment); the run names the labels.
 POLICY_DATA = "policy"
+# A positive eval-noise-multiplier below this buys nothing (one evaluation alone would cost ε ≈ 90 at δ=1e-5) and
+# sends a site's accountant into huge allocations.
+MIN_EVAL_NOISE = 0.1
 
 
 class ConfigError(ValueError):
@@ -65,8 +68,8 @@ class RunConfig:
     target_epsilon: float = field(default=8.0, metadata=_range(0, 100, lo_open=True))
     delta: float = field(default=1e-5, metadata=_range(0, 0.1, lo_open=True))
     # 0: each site picks the noise at which its planned evaluations alone cost at most an eighth of its target ε.
-    eval_noise_multiplier: float = field(default=0.0, metadata=_range(0, None))
-    max_grad_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
+    eval_noise_multiplier: float = field(default=0.0, metadata=_range(0, 1_000))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0, 1_000, lo_open=True))
     accountant: str = "prv"
     lora_r: int = field(default=8, metadata=_range(1, 1024))
     lora_alpha: int = field(default=16, metadata=_range(1, 65_536))
@@ -123,6 +126,11 @@ class RunConfig:
                 "starting with a letter or digit"
             )
         _check_choice("task", self.task, TASKS)
+        if 0 < self.eval_noise_multiplier < MIN_EVAL_NOISE:
+            raise ConfigError(
+                f"eval-noise-multiplier={self.eval_noise_multiplier!r} is out of range; allowed: 0 (each site picks "
+                f"its own) or [{MIN_EVAL_NOISE}, 1000]"
+            )
         if not self.dataset:
             raise ConfigError(
                 f"dataset is empty: use one of {', '.join(BUNDLED_DATASETS)}, {POLICY_DATA!r} or a file path"

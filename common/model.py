@@ -195,6 +195,15 @@ def load_adapter(
     return PeftModel.from_pretrained(base, str(adapter_dir)).to(device)
 
 
+def check_max_length(model: nn.Module, max_length: int) -> None:
+    """Raise ``ModelError`` when texts of `max_length` tokens do not fit the base model's position embeddings."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    positions = getattr(inner.encoder.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise ModelError(f"max-length={max_length} is more than the base model's {positions} positions; "
+                         f"set max-length to at most {positions}")
+
+
 def pick_device() -> torch.device:
     """The site's GPU when it has one, else its CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,6 +21,7 @@ import torch
 _root_handlers = list(logging.getLogger().handlers)
 from opacus import GradSampleModule  # noqa: E402
 from opacus.accountants import RDPAccountant, create_accountant  # noqa: E402
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size  # noqa: E402
 from opacus.data_loader import DPDataLoader  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
 from opacus.validators import ModuleValidator  # noqa: E402
@@ -46,6 +47,15 @@ NOISE_RNG_NOTE = (
 # release of a sensitivity-bounded count is (noise_multiplier, 1.0, 1).
 Entry = tuple[float, float, int]
 
+# Below this noise multiplier one release alone costs an ε in the thousands, beyond any cap, and the accountants'
+# numerics take unbounded time or memory (RDP loops for hours at 1e-160; PRV allocated GBs at 1e-3): ε is ∞.
+MIN_ACCOUNTED_NOISE = 0.01
+# The PRV accountant discretises the privacy loss on a grid this many points wide at most (~0.5 GB, seconds);
+# a history that needs a finer or wider grid (tiny noise, very many steps) is accounted by RDP, a looser upper bound.
+MAX_PRV_POINTS = 2**21
+# Opacus' PRV defaults, which the grid size above is computed for.
+PRV_EPS_ERROR, PRV_DELTA_ERROR = 0.01, 1e-3
+
 
 class PrivacyError(RuntimeError):
     """The privacy budget, the ledger or the DP machinery forbids what was asked."""
@@ -70,6 +80,18 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
         generator.manual_seed(secrets.randbits(64))
         generator.set_offset(4 * secrets.randbits(60))
     return generator
+
+
+def reseed_global_generators() -> None:
+    """Give PyTorch's global generators (dropout draws from them) a state from the OS entropy pool.
+
+    A site calls this at the start of every request, after the model is built, so nothing drawn
+    while it trains or evaluates follows PyTorch's fixed default seed or the run config's seed.
+    """
+    torch.default_generator.set_state(secret_generator("cpu").get_state())
+    if torch.cuda.is_available():
+        for index, generator in enumerate(torch.cuda.default_generators):
+            generator.set_state(secret_generator(torch.device("cuda", index)).get_state())
 
 
 def poisson_schedule(public_count: int, batch_size: int) -> tuple[float, int]:
@@ -100,6 +122,10 @@ def _epsilon(history: tuple[Entry, ...], delta: float, accountant: str) -> tuple
     """Cached: a site checks its cap and then records the same history each round, and a PRV run takes ~0.3 s."""
     if not history:
         return 0.0, accountant
+    if any(not sigma >= MIN_ACCOUNTED_NOISE for sigma, _, _ in history):
+        return math.inf, accountant
+    if accountant == "prv" and not _prv_grid_points(history, delta) <= MAX_PRV_POINTS:
+        return _epsilon(history, delta, "rdp")
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
     try:
@@ -115,6 +141,22 @@ def _epsilon(history: tuple[Entry, ...], delta: float, accountant: str) -> tuple
     if accountant == "rdp":
         return epsilon, "rdp"
     return _epsilon(history, delta, "rdp")
+
+
+def _prv_grid_points(history: tuple[Entry, ...], delta: float) -> float:
+    """How many points Opacus' PRV accountant would discretise `history` on: its own domain rule, computed cheaply
+    (with RDP) before anything is allocated."""
+    delta_error = delta * PRV_DELTA_ERROR
+    prvs = [PoissonSubsampledGaussianPRV(rate, sigma) for sigma, rate, _ in history]
+    steps = [steps for _, _, steps in history]
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            half_width = compute_safe_domain_size(prvs, steps, PRV_EPS_ERROR, delta_error)
+    except (ValueError, ArithmeticError):
+        return math.inf
+    mesh = PRV_EPS_ERROR / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
+    return 2 * half_width / mesh
 
 
 def calibrate_noise(
@@ -169,13 +211,61 @@ def _calibrate(target_epsilon, delta, phases, prior, also, accountant, tolerance
             return high
 
 
+class BoundedDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer, with every record's contribution finite and bounded whatever model the server sent.
+
+    Opacus scales each per-example gradient by C/(‖g‖+1e-6): a NaN or infinite gradient stays non-finite
+    and no noise hides it. A server could then send a finite model that overflows one chosen record's
+    logit only, and read membership from a NaN release. Here such a record's gradient counts as zero,
+    a value that does not depend on it, before Opacus clips and sums.
+    """
+
+    def clip_and_accumulate(self) -> None:
+        samples = self.grad_samples
+        if len(samples[0]):
+            finite = torch.stack([g.reshape(len(g), -1).isfinite().all(dim=1).to(samples[0].device)
+                                  for g in samples]).all(dim=0)
+            for p, g in zip(self.params, samples):
+                keep = finite.to(g.device).view(-1, *[1] * (g.dim() - 1))
+                p.grad_sample = torch.where(keep, g, torch.zeros_like(g))
+        super().clip_and_accumulate()
+
+    def noise_step(self) -> None:
+        """The step of an empty Poisson batch: a zero gradient sum plus the same Gaussian noise, averaged over the
+        public expected batch size, and counted by the accountant like any other step.
+
+        This is exactly the sampled Gaussian mechanism the ledger accounts. Nothing is forwarded: Opacus'
+        ``rand_on_empty`` would forward a random row instead, whose clipped gradient takes the place of a
+        record's and doubles the sensitivity of every empty step.
+        """
+        self.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        self.step()
+
+
+class _NoRecords:
+    """Poisson sampling from a site with no records: each of the int(1/q) batches Opacus would draw is empty."""
+
+    def __init__(self, dataset: torch.utils.data.TensorDataset, sample_rate: float):
+        self.sample_rate = sample_rate
+        self.batch = tuple(tensor[:0] for tensor in dataset.tensors)
+        self.steps = int(1 / sample_rate)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return iter([self.batch] * self.steps)
+
+
 @dataclass(frozen=True)
 class PrivateTraining:
     """The Opacus objects of one round, and an accountant fed by the optimizer itself, step by step."""
 
     module: GradSampleModule
-    optimizer: DPOptimizer
-    loader: DPDataLoader
+    optimizer: BoundedDPOptimizer
+    loader: DPDataLoader | _NoRecords
     observed: RDPAccountant
 
     def ran(self) -> list[Entry]:
@@ -190,7 +280,7 @@ class PrivateTraining:
 def make_private(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    dataset: torch.utils.data.Dataset,
+    dataset: torch.utils.data.TensorDataset,
     *,
     noise_multiplier: float,
     max_grad_norm: float,
@@ -201,15 +291,15 @@ def make_private(
     """Wrap model, optimizer and data for DP-SGD with Poisson sampling, both driven by secret generators.
 
     The gradient is averaged over the public expected `batch_size`, never over a count derived from the
-    data. ``rand_on_empty`` keeps an empty Poisson batch from crashing the BERT forward pass (its one
-    random example is independent of the data).
+    data. An empty Poisson batch comes out of the loader empty: the caller takes ``optimizer.noise_step()``
+    for it. A site with no records at all (its label set left none) takes only such steps.
     """
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise PrivacyError(f"Opacus cannot train this model privately: {errors[0]}")
     module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     module.forbid_grad_accumulation()
-    dp_optimizer = DPOptimizer(
+    dp_optimizer = BoundedDPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -217,7 +307,10 @@ def make_private(
         loss_reduction="mean",
         generator=secret_generator(device),
     )
-    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=secret_generator("cpu"), rand_on_empty=True)
+    if len(dataset):
+        loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=secret_generator("cpu"))
+    else:
+        loader = _NoRecords(dataset, sample_rate)
     observed = RDPAccountant()
     dp_optimizer.attach_step_hook(observed.get_optimizer_hook_fn(sample_rate=loader.sample_rate))
     return PrivateTraining(module, dp_optimizer, loader, observed)
@@ -229,7 +322,10 @@ def gaussian_sum(rows: np.ndarray, *, bound: float, noise_multiplier: float) -> 
     Adding or removing one example changes the sum by at most `bound`, so the release is one history
     entry ``(noise_multiplier, 1.0, 1)``.
     """
-    rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+    rows = np.asarray(rows, dtype=np.float64)
+    rows = rows.reshape(rows.shape[0], int(np.prod(rows.shape[1:])))
+    # A row with a NaN or infinity would pass clipping as it is: it counts as zero, whatever the model made of it.
+    rows = np.where(np.isfinite(rows).all(axis=1, keepdims=True), rows, 0.0)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     clipped = rows * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
     total = torch.as_tensor(clipped.sum(axis=0), dtype=torch.float64)

@@ -6,6 +6,8 @@ KEYS = PREFIX + "keys"
 CLIPPING_RANGE = PREFIX + "clipping-range"
 MAX_WEIGHT = PREFIX + "max-weight"
 MAX_NORM = PREFIX + "max-update-norm"
+# Each delta coordinate is clipped to ±this at the site before quantization (a site's distance bound counts it).
+DEFAULT_CLIPPING_RANGE = 8.0
 # Plain-text values a site adds to its SecAgg+ reply: nothing that depends on its update.
 DECLINE = PREFIX + "decline"
 SITE_ID = PREFIX + "site-id"

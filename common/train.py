@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +15,10 @@ from tqdm.auto import tqdm
 from common import privacy
 
 BETAS = (0.9, 0.999)
-# Adam moves a coordinate by at most lr·(1-β1)/√(1-β2) in one step (Kingma & Ba 2015, section 2.1).
-ADAM_STEP_BOUND = (1 - BETAS[0]) / math.sqrt(1 - BETAS[1])
+# At most this many examples go through the model at once; a larger Poisson batch is processed in parts that
+# Opacus accumulates into one step. Memory stays bounded whatever batch size the server asks for.
+MAX_PHYSICAL_BATCH = 128
+
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ def train_round(
     """Train the model's trainable parameters in place for `epochs` passes over `data`.
 
     With `dp`, Opacus samples each batch by Poisson sampling and clips and noises per-example
-    gradients, its randomness drawn from the operating system's entropy. With `proximal_mu` > 0
+    gradients, its randomness drawn from the operating system's entropy. An empty batch takes a
+    noise-only step and a large one goes through the model in parts of `MAX_PHYSICAL_BATCH`: either
+    way the step is the one the ledger accounts, and no data, even none, stops the round. With `proximal_mu` > 0
     (FedProx), every step also pulls the weights toward those the round started from. The learning
     rate moves linearly from ``decay[0]`` to ``decay[1]`` times `learning_rate` over the round.
     """
@@ -100,7 +103,7 @@ def train_round(
     model.train()
     private = None
     if dp is None:
-        runner, loader = model, DataLoader(dataset, batch_size=batch_size, shuffle=True)
+        runner, loader = model, DataLoader(dataset, batch_size=batch_size, shuffle=len(dataset) > 0)
     else:
         private = privacy.make_private(
             model, optimizer, dataset, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
@@ -118,13 +121,20 @@ def train_round(
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate * (decay[0] + (decay[1] - decay[0]) * step / total)
                 step += 1
-                loss = loss_fn(runner(*(x.to(device) for x in inputs)), labels.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if private is None:
+                    losses.append(_step(runner, optimizer, loss_fn, inputs, labels, device))
+                elif not len(labels):
+                    optimizer.noise_step()
+                else:
+                    parts = range(0, len(labels), MAX_PHYSICAL_BATCH)
+                    for start in parts:
+                        # Opacus clips and sums each part's per-example gradients; the last one takes the step.
+                        optimizer.signal_skip_step(do_skip=start != parts[-1])
+                        part = slice(start, start + MAX_PHYSICAL_BATCH)
+                        losses.append(_step(runner, optimizer, loss_fn, [x[part] for x in inputs], labels[part],
+                                            device))
                 if anchor is not None:
                     _proximal_step(params, anchor, learning_rate * proximal_mu)
-                losses.append(loss.item())
                 bar.update(1)
         bar.close()
     finally:
@@ -133,15 +143,18 @@ def train_round(
     model.eval()
     return TrainResult(
         loss=float(np.mean(losses)) if losses else float("nan"),
-        steps=len(losses),
+        steps=step,
         ran=None if private is None else private.ran(),
     )
 
 
-def update_ceiling(learning_rate: float, steps: int, spec: Mapping[str, tuple[int, ...]]) -> float:
-    """The largest L2 norm one round of `steps` optimizer steps can give an honest update of these tensors."""
-    dim = sum(math.prod(shape) for shape in spec.values())
-    return ADAM_STEP_BOUND * learning_rate * steps * math.sqrt(dim)
+def _step(runner: nn.Module, optimizer, loss_fn, inputs, labels: torch.Tensor, device) -> float:
+    """Forward and backward one batch and step the optimizer; the (unclipped) loss, for the site's own log."""
+    loss = loss_fn(runner(*(x.to(device) for x in inputs)), labels.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 @torch.no_grad()
@@ -160,6 +173,10 @@ def features(model: nn.Module, data: TensorData, *, batch_size: int = 128, devic
     """Each example's features for the head, from the model's (frozen) encoder in evaluation mode, on the CPU."""
     model.eval()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not len(data):
+        # No records (a label set can leave none): the features' shape comes from a public all-padding input.
+        blank = torch.zeros((1, *data.input_ids.shape[1:]), dtype=data.input_ids.dtype, device=device)
+        return FeatureData(inner.features(blank, torch.ones_like(blank)).cpu()[:0], data.labels)
     chunks = [inner.features(data.input_ids[start:start + batch_size].to(device),
                              data.attention_mask[start:start + batch_size].to(device)).cpu()
               for start in range(0, len(data), batch_size)]

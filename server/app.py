@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 
 from common import adapters
 from common import task as tasks
+from common.bounds import round_ceiling
 from common.config import RunConfig
 from common.files import write_json_atomic
-from common.model import build_model, pick_device, weights_sha256
-from common.train import predict, update_ceiling
+from common.model import build_model, check_max_length, pick_device, weights_sha256
+from common.train import predict
 from server.checkpoint import RunDir, RunDirError, default_run_name
 from server.identity import SiteIdentities, read_registry
 from server.report import print_summary, round_row
@@ -59,6 +60,7 @@ class Federation:
             config.model, len(self.names), lora_r=config.lora_r, lora_alpha=config.lora_alpha,
             ffa=config.aggregation == "ffa-lora", seed=config.seed, head=self.task.head, device=self.device,
         )
+        check_max_length(self.model, config.max_length)
         self.info = {"task": self.task.name, "labels": list(self.names), "model": config.model,
                      "max_length": config.max_length, "seed": config.seed, "model_sha256": _model_hash(config.model),
                      "head": self.task.head.__name__}
@@ -80,12 +82,8 @@ class Federation:
             self.identities = SiteIdentities()
             log.info("no site-registry: each node is bound to the first site id it names (fine for simulation; "
                      "a deployment should bind sites to their registered keys)")
-        # A sound bound on an honest DP-SGD update's size, whatever the site's data (README: screening): the larger
-        # of what a LoRA round and a head-only round can move.
-        lora_steps = config.local_epochs * -(-config.max_site_weight // config.batch_size)
-        head_steps = config.head_epochs * -(-config.max_site_weight // config.head_batch_size)
-        self.ceiling = config.max_update_norm or max(update_ceiling(config.learning_rate, lora_steps, self.spec),
-                                                     update_ceiling(config.head_learning_rate, head_steps, self.spec))
+        # A sound bound on an honest DP-SGD update's size, whatever the site's data (README: screening).
+        self.ceiling = config.max_update_norm or round_ceiling(config, self.spec)
         self.reference_norm: float | None = None
         self.secure = None
         if config.secure_aggregation:

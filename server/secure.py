@@ -52,7 +52,7 @@ from server.strategy import safe_text
 
 log = logging.getLogger("flwr.privet.server")
 
-DEFAULT_CLIPPING_RANGE = 8.0
+DEFAULT_CLIPPING_RANGE = wire.DEFAULT_CLIPPING_RANGE
 MODULUS_RANGE = 2**32
 
 

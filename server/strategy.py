@@ -25,6 +25,7 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common import adapters
+from common.bounds import FEDADAM_BETAS
 from common.config import RunConfig
 from server.identity import SiteIdentities
 
@@ -57,7 +58,8 @@ def make_strategy(config: RunConfig, central_state: dict | None = None) -> Aggre
         "fedprox": lambda: FedProx(**nodes, proximal_mu=config.proximal_mu),
         # FedAdam keeps the round's global arrays from configure_train and its moments across rounds;
         # the server saves the moments with each round's adapter so a resumed run keeps them.
-        "fedadam": lambda: FedAdam(**nodes, eta=config.server_learning_rate),
+        "fedadam": lambda: FedAdam(**nodes, eta=config.server_learning_rate, beta_1=FEDADAM_BETAS[0],
+                                   beta_2=FEDADAM_BETAS[1]),
         "trimmed-mean": lambda: FedTrimmedAvg(**nodes, beta=config.trim_fraction),
         "median": lambda: FedMedian(**nodes),
         "krum": lambda: Krum(**nodes, num_malicious_nodes=config.krum_byzantine),

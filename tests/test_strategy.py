@@ -188,10 +188,24 @@ def test_with_two_sites_the_earlier_rounds_median_and_the_ceiling_still_bound_an
 
 
 def test_the_update_ceiling_bounds_what_adam_can_move_in_the_steps_a_site_may_take():
-    from common.train import update_ceiling
+    import torch
+
+    from common.bounds import ADAM_STEP_BOUND, update_ceiling
+    from common.train import BETAS
 
     # 3 coordinates moved by the largest Adam step 10 times: exactly at the ceiling.
-    assert update_ceiling(0.01, 10, {"w": (3,)}) == pytest.approx(0.01 * 10 * (0.1 / 0.001**0.5) * 3**0.5)
+    assert update_ceiling(0.01, 10, {"w": (3,)}) == pytest.approx(0.01 * 10 * ADAM_STEP_BOUND * 3**0.5)
+    # The worst case: gradients that grow by β2/β1 every step. AdamW's last step then moves a coordinate more than
+    # twice Kingma & Ba's (1-β1)/√(1-β2), and never more than the bound.
+    weight = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.AdamW([weight], lr=1.0, betas=BETAS, eps=0.0, weight_decay=0.0)
+    steps, growth = 2000, BETAS[1] / BETAS[0]
+    for step in range(steps):
+        weight.grad = torch.tensor([growth ** (step - steps)], dtype=torch.float64)
+        before = weight.item()
+        adam.step()
+    moved = abs(weight.item() - before)
+    assert 2 * (1 - BETAS[0]) / (1 - BETAS[1]) ** 0.5 < moved <= ADAM_STEP_BOUND
 
 
 def test_evaluation_replies_with_scores_outside_zero_to_one_or_huge_counts_are_rejected():
