@@ -98,8 +98,11 @@ def _check_against_fedavg(record, sites):
 def federation(tiny_model_dir, tmp_path_factory):
     """One simulated federation of 4 sites: the numpy scenarios, then a secure round of real Privet training."""
     tmp = tmp_path_factory.mktemp("secure")
-    data = write_site_data(tmp / "sites.csv", n=160)
+    # Each site's LoRA round needs its DP count (noise σ=20) at or above batch-size: near-equal sites of ~200
+    # records keep it ~10σ above 8, so no draw of the secret count noise can make a site decline.
+    data = write_site_data(tmp / "sites.csv", n=800)
     overrides = {
+        "dirichlet-alpha": 1000.0,
         "dataset": str(data), "text-column": "text", "label-column": "product", "model": str(tiny_model_dir),
         "num-server-rounds": 1, "runs-dir": str(tmp / "runs"), "run-name": "secure", "batch-size": 8,
         "max-length": 16, "max-examples-per-site": 0, "target-epsilon": 4.0, "learning-rate": 0.02,
