@@ -108,7 +108,7 @@ def site_label_names(config: RunConfig, policy: SitePolicy | None) -> tuple[str,
             f"site {policy.site_id} has no label set: the run names none (labels) and its policy names none; "
             "set labels in the run config or the site policy"
         )
-    return own or run_labels
+    return tasks.checked_labels(config, own or run_labels)
 
 
 @functools.lru_cache(maxsize=4)

@@ -27,6 +27,9 @@ IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips: later sub-words,
 MAX_WORDS = 512
 _DOCSTART = "-DOCSTART-"
 _IOB2_FIX = "tags must be O, B-<type> (first word of an entity) or I-<type> (later words of the same entity)"
+# What a run's tag set must be, for messages that refuse one.
+IOB2_TAGS = ('a token-classification label set is IOB2: "O", and B-<type> / I-<type> tags (a type without spaces), '
+             "with a B-<type> for every I-<type>")
 
 
 @dataclass(frozen=True)
