@@ -9,6 +9,7 @@ release is held fixed, or the assertion is structural.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from common import adapters, privacy
 from common.config import ConfigError, RunConfig
 from common.data import record_bucket
 from common.model import HeadOnly, build_model
-from common.task import TASKS
+from common.task import TASKS, sort_labels
 from common.train import DPSettings, FeatureData, features, train_round
 from tests.test_client import LABELS, context, message, site, task_identity  # noqa: F401  (fixtures)
 from tests.test_model_train import NUM_LABELS, make_data, make_token_data
@@ -33,6 +34,51 @@ from tests.test_site_privacy import ledger_of, policy_for
 
 TARGET = "wire transfer fraud reported by my bank"  # on the training side of the site's stable split
 RARE_LABEL = "wire-fraud"
+NER_WORDS = "account bank card credit debt loan mortgage payment report score student transfer".split()
+
+
+def ner_target(validation: bool) -> list[str]:
+    """A sentence of the tiny vocabulary that the site's stable split puts on the asked side (public: a hash)."""
+    for first in NER_WORDS:
+        for second in NER_WORDS:
+            words = ["the", first, "wire", second, "money"]
+            if (record_bucket(" ".join(words)) < client.site.VAL_FRACTION) == validation:
+                return words
+    raise AssertionError("no such sentence")
+
+
+def ner_neighbours(tmp_path, model_dir, target: list[str]) -> dict:
+    """Two token-classification policy sites whose JSON lines differ by `target` only, tagged with the rare type LOC;
+    every other sentence holds a PER entity, so a label set without PER leaves the target alone, or nothing."""
+    rows = [{"tokens": ["my", NER_WORDS[i % 12], "loan", NER_WORDS[(5 * i) % 12]], "tags": ["O", "B-PER", "I-PER", "O"]}
+            for i in range(40)]
+    rare = {"tokens": target, "tags": ["O", "B-LOC", "I-LOC", "O", "O"]}
+    sites = {}
+    for name, records in (("with", [*rows, rare]), ("without", rows)):
+        home = tmp_path / name
+        home.mkdir()
+        (home / "notes.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        policy = policy_for(home, home / "notes.jsonl", model_dir)
+        policy.write_text(policy.read_text().replace('"text"', '"tokens"').replace('"product"', '"tags"'))
+        sites[name] = policy
+    return sites
+
+
+def ner_run(model_dir, labels: str, **more) -> dict:
+    return {"task": "token-classification", "dataset": "policy", "labels": labels, "model": str(model_dir),
+            "batch-size": 8, "max-length": 16, "max-examples-per-site": 0, "num-server-rounds": 3,
+            "target-epsilon": 2.0, **more}
+
+
+def favour(label: str, labels: str):
+    """An edit of the global head that makes every position predict `label` (a bias well inside the honest bound)."""
+    index = sort_labels(name.strip() for name in labels.split(",")).index(label)
+
+    def edit(state):
+        key = next(k for k in state if "classifier" in k and k.endswith("bias"))
+        state[key][index] = 100.0
+
+    return edit
 
 
 def neighbours(tmp_path, tiny_model_dir, target_row: str, extra: str = "") -> dict:
@@ -186,6 +232,53 @@ def test_a_label_set_that_leaves_no_record_is_answered_like_one_that_leaves_one(
         assert seen["with"] == seen["without"] and seen["with"][0] == "reply", seen
     for policy in sites.values():
         assert [r["kind"] for r in ledger_of(policy.parent)["rounds"]] == ["count", "train", "evaluate"]
+
+
+def test_a_token_label_set_that_leaves_no_record_is_answered_like_one_that_leaves_one(tmp_path, tiny_model_dir):
+    """The same probe for token classification: `labels='O,B-LOC,I-LOC'` leaves the target sentence, or nothing."""
+    sites = ner_neighbours(tmp_path, tiny_model_dir, ner_target(False))
+    probe = ner_run(tiny_model_dir, "O,B-LOC,I-LOC")
+    for kind, handler in ((MessageType.TRAIN, train), (MessageType.EVALUATE, evaluate)):
+        seen = both(sites, probe, crafted(tiny_model_dir, 3, kind=kind), handler)
+        assert seen["with"] == seen["without"] and seen["with"][0] == "reply", seen
+    for policy in sites.values():
+        assert [r["kind"] for r in ledger_of(policy.parent)["rounds"]] == ["count", "train", "evaluate"]
+
+
+@pytest.mark.parametrize("labels, odd", [("O,B-LOC,I-LOC,ZZZ", "ZZZ"), ("O,B-LOC,I-LOC,E-LOC", "E-LOC")])
+def test_a_token_label_set_scoring_cannot_read_is_refused_before_any_data_is_read(tmp_path, tiny_model_dir, reads,
+                                                                                 labels, odd):
+    """A label seqeval cannot parse, and a global head biased to predict it everywhere: scoring raised on the
+    predictions of the target's sentence only (the only one the label set leaves), so a failed evaluation meant the
+    target is there. The label set must be refused on its own, before any data is read."""
+    sites = ner_neighbours(tmp_path, tiny_model_dir, ner_target(True))
+    msg = crafted(tiny_model_dir, 4, kind=MessageType.EVALUATE, edit=favour(odd, labels))
+    seen = both(sites, ner_run(tiny_model_dir, labels), msg, evaluate)
+    assert seen["with"] == seen["without"], seen
+    assert seen["with"][0] == "decline" and seen["with"][1].startswith("labels:") and reads == []
+
+
+@pytest.mark.parametrize("labels, problem", [
+    ("O,I-LOC", "'I-LOC' has no 'B-LOC'"), ("B-LOC,I-LOC", "no 'O'"), ("O,B-LOC,LOC", "'LOC' is not an IOB2 tag"),
+    ("O,B-LOC,B--LOC", "'B--LOC' is not an IOB2 tag"), (",".join(f"B-T{i}" for i in range(1000)) + ",O", "1001 labels"),
+])
+def test_a_token_label_set_that_is_not_iob2_is_refused_naming_labels(tmp_path, tiny_model_dir, reads, labels, problem):
+    sites = ner_neighbours(tmp_path, tiny_model_dir, ner_target(True))
+    seen = both(sites, ner_run(tiny_model_dir, labels), crafted(tiny_model_dir, 2))
+    assert seen["with"] == seen["without"] and seen["with"][0] == "decline", seen
+    assert seen["with"][1].startswith("labels:") and problem in seen["with"][1] and reads == []
+    with pytest.raises(ConfigError, match=f"^labels: .*{re.escape(problem)}"):
+        TASKS["token-classification"].check_labels(sort_labels(labels.split(",")))
+
+
+def test_a_head_that_predicts_broken_iob2_everywhere_is_scored_alike(tmp_path, tiny_model_dir):
+    """A valid label set, and a head that predicts I-LOC at every position (no B-LOC: not an entity in strict IOB2):
+    both neighbours answer the evaluation."""
+    sites = ner_neighbours(tmp_path, tiny_model_dir, ner_target(True))
+    labels = "O,B-LOC,I-LOC"
+    msg = crafted(tiny_model_dir, 3, kind=MessageType.EVALUATE, edit=favour("I-LOC", labels))
+    seen = both(sites, ner_run(tiny_model_dir, labels), msg, evaluate)
+    assert seen["with"] == seen["without"] and seen["with"][0] == "reply", seen
 
 
 def test_a_max_length_beyond_the_models_positions_is_declined_before_any_data_is_read(site, tiny_model_dir, reads):
