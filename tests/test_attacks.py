@@ -27,6 +27,7 @@ from common.data import record_bucket
 from common.model import HeadOnly, build_model
 from common.task import TASKS, sort_labels
 from common.train import DPSettings, FeatureData, features, train_round
+from tests.conftest import WORDS, write_tiny_model
 from tests.test_client import LABELS, context, message, site, task_identity  # noqa: F401  (fixtures)
 from tests.test_model_train import NUM_LABELS, make_data, make_token_data
 from tests.test_simulation import write_site_data
@@ -289,6 +290,47 @@ def test_a_max_length_beyond_the_models_positions_is_declined_before_any_data_is
     seen = both(sites, probe, crafted(tiny_model_dir, 2))
     assert seen["with"] == seen["without"]
     assert seen["with"][0] == "decline" and "max-length=256" in seen["with"][1] and reads == []
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta_dir(tmp_path_factory):
+    """A tiny RoBERTa (positions numbered from padding_idx + 1) with 18 position embeddings: 17 usable."""
+    from transformers import RobertaConfig, RobertaModel
+
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny-roberta"))  # its BERT tokenizer pads with id 0
+    for weights in path.glob("*.safetensors"):
+        weights.unlink()
+    config = RobertaConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=18, pad_token_id=0)
+    torch.manual_seed(0)
+    RobertaModel(config).save_pretrained(path)
+    return path
+
+
+def test_a_max_length_a_roberta_cannot_hold_is_declined_before_any_data_is_read(site, tiny_roberta_dir, reads):
+    """18 position embeddings hold 17 tokens in RoBERTa: at max-length=18 a record of 18 tokens or more made the
+    forward pass fail, and only a site holding one failed."""
+    tmp_path, _, overrides = site
+    long = " ".join(["money", "wire", "transfer", "report", "my", "bank", "account"] * 3)
+    assert record_bucket(long) >= client.site.VAL_FRACTION  # the long record trains
+    sites = neighbours(tmp_path, tiny_roberta_dir, f"{long},card")
+    run = {**overrides, "model": str(tiny_roberta_dir), "max-length": 18}
+    seen = both(sites, run, crafted(tiny_roberta_dir, len(LABELS)))
+    assert seen["with"] == seen["without"], seen
+    assert seen["with"][0] == "decline" and "max-length=18" in seen["with"][1] and "at most 17" in seen["with"][1]
+    assert reads == []
+
+
+def test_a_roberta_site_with_no_usable_record_answers_like_one_with_records(site, tiny_roberta_dir):
+    """At the usable length, a label probe leaves the target or nothing: the site with nothing computes its
+    features' shape from a public blank input, and both train and evaluate alike."""
+    tmp_path, _, overrides = site
+    sites = neighbours(tmp_path, tiny_roberta_dir, f"{TARGET},{RARE_LABEL}")
+    probe = {**overrides, "model": str(tiny_roberta_dir), "max-length": 17,
+             "labels": f"{RARE_LABEL},zz-held-by-nobody"}
+    for kind, handler in ((MessageType.TRAIN, train), (MessageType.EVALUATE, evaluate)):
+        seen = both(sites, probe, crafted(tiny_roberta_dir, 2, kind=kind), handler)
+        assert seen["with"] == seen["without"] and seen["with"][0] == "reply", seen
 
 
 # 3. Empty Poisson batches ------------------------------------------------------------------------------------------
