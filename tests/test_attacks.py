@@ -8,7 +8,9 @@ other does not), and asserts that the server sees the same. None depends on secr
 release is held fixed, or the assertion is structural.
 """
 
+import dataclasses
 import json
+import math
 import re
 
 import numpy as np
@@ -22,7 +24,8 @@ import client.app
 import client.site
 from client.app import evaluate, train
 from common import adapters, privacy
-from common.config import ConfigError, RunConfig
+from common.bounds import global_distance_bound
+from common.config import AGGREGATIONS, ConfigError, RunConfig
 from common.data import record_bucket
 from common.model import HeadOnly, build_model
 from common.task import TASKS, sort_labels
@@ -435,6 +438,33 @@ def test_a_plan_of_endless_steps_is_declined_on_the_public_count(site, tiny_mode
     endless = {**overrides, "head-epochs": 10_000, "head-batch-size": 1}
     seen = both(sites, endless, crafted(tiny_model_dir, len(LABELS)))
     assert seen["with"] == seen["without"] and "head-epochs" in seen["with"][1]
+
+
+NUMERIC_KEYS = [f for f in dataclasses.fields(RunConfig) if f.type in ("int", "float", int, float)]
+
+
+@pytest.mark.parametrize("key", [f.name.replace("_", "-") for f in NUMERIC_KEYS])
+def test_every_server_set_number_has_a_finite_range_named_in_its_error(key):
+    with pytest.raises(ConfigError, match=rf"^{key}=[0-9.e+]+ is out of range; allowed range: [\[(]\S+, [0-9.e+]+[\])]$"):
+        RunConfig.from_mapping({key: 1e300})
+
+
+def test_the_global_check_stays_finite_at_the_top_of_every_range():
+    """A bound of ∞ (max-site-weight=1e300) would accept any crafted global adapter."""
+    top = {f.name: f.metadata["hi"] for f in NUMERIC_KEYS if not f.metadata["hi_open"]}
+    spec = {"weight": (4096, 4096)}
+    for aggregation in AGGREGATIONS:
+        for extra in ({}, {"secure_aggregation": True}, {"central_dp": True}):
+            config = dataclasses.replace(RunConfig(), **top, aggregation=aggregation, **extra)
+            assert math.isfinite(global_distance_bound(config, spec, config.num_server_rounds)), (aggregation, extra)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_a_label_set_of_more_than_a_thousand_labels_is_refused_naming_labels(task):
+    names = ("O", *(f"B-T{i}" for i in range(1000)))
+    with pytest.raises(ConfigError, match="^labels: the label set has 1001 labels; allowed: 1 to 1000$"):
+        TASKS[task].check_labels(names)
+    TASKS[task].check_labels(names[:1000])
 
 
 # 5. Other randomness -----------------------------------------------------------------------------------------------
