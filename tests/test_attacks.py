@@ -29,7 +29,7 @@ from common.config import AGGREGATIONS, ConfigError, RunConfig
 from common.data import record_bucket
 from common.model import HeadOnly, build_model
 from common.task import TASKS, sort_labels
-from common.train import DPSettings, FeatureData, features, train_round
+from common.train import MAX_PHYSICAL_BATCH, DPSettings, FeatureData, features, train_round
 from tests.conftest import WORDS, write_tiny_model
 from tests.test_client import LABELS, context, message, site, task_identity  # noqa: F401  (fixtures)
 from tests.test_model_train import NUM_LABELS, make_data, make_token_data
@@ -186,16 +186,23 @@ def test_a_head_that_overflows_one_records_logit_cannot_mark_it(tiny_model_dir):
     assert all(torch.isfinite(value).all() for value in release(list(range(40)), 1.0).values())
 
 
-@pytest.mark.parametrize("server_round", [1, 2])
-def test_a_crafted_global_adapter_is_declined_before_any_data_is_read(site, tiny_model_dir, reads, server_round):
+@pytest.mark.parametrize("lora_rounds, tensor, server_round", [
+    (0, "classifier", 1), (0, "classifier", 2), (0, "lora_B", 1), (3, "classifier", 1), (3, "lora_B", 1),
+    (3, "lora_B", 2),
+], ids=["head-only head r1", "head-only head r2", "head-only lora_B r1", "LoRA head r1", "LoRA lora_B r1",
+        "LoRA lora_B r2"])
+def test_a_crafted_global_adapter_is_declined_before_any_data_is_read(site, tiny_model_dir, reads, lora_rounds, tensor,
+                                                                      server_round):
+    """In head-only and LoRA phases alike, whichever trainable tensor the server crafts."""
     tmp_path, _, overrides = site
     sites = neighbours(tmp_path, tiny_model_dir, f"{TARGET},card")
 
     def overflow(state):
-        key = next(k for k in state if "classifier" in k and k.endswith("weight"))
+        key = next(k for k in sorted(state) if tensor in k and k.endswith("weight"))
         state[key][0] = 1e30  # finite, but farther from the start than any aggregation of honest rounds
 
-    seen = both(sites, overrides, crafted(tiny_model_dir, len(LABELS), server_round=server_round, edit=overflow))
+    run = {**overrides, "lora-rounds": lora_rounds}
+    seen = both(sites, run, crafted(tiny_model_dir, len(LABELS), server_round=server_round, edit=overflow))
     assert seen["with"] == seen["without"]
     assert seen["with"][0] == "decline" and "public start" in seen["with"][1]
     assert reads == [] and not any((policy.parent / "state").exists() for policy in sites.values())
@@ -391,16 +398,66 @@ def test_the_noise_only_step_is_the_sampled_gaussian_mechanism(monkeypatch):
     private.close()
 
 
-def test_a_round_of_only_empty_batches_matches_its_ledger_entry(site, tiny_model_dir, monkeypatch):
-    """The site's own check (what Opacus ran equals the ledger's entry) holds with empty steps counted."""
-    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", lambda sampler: iter([[]] * sampler.steps))
+def test_a_round_of_empty_batches_releases_the_noise_alone(site, tiny_model_dir, monkeypatch):
+    """One record in the first batch, every later batch empty, and the noise held at zero: an empty step must add
+    nothing but the noise, so both neighbours send back the same adapter, and what Opacus ran, empty steps included,
+    is the ledger's entry. (rand_on_empty forwarded a random row on each empty step, whose clipped gradient moved
+    the head: the two updates differed by whatever those rows were.)"""
+    import opacus.optimizers.optimizer as opacus_optimizer
+
+    only_batches(monkeypatch, first=[0])  # each epoch: the first training record (the same at both sites), then empty
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise",
+                        lambda std, reference, generator=None, secure_mode=False: torch.zeros_like(reference))
+    ran, real = [], client.app.train_round
+
+    def watched(*args, **kwargs):
+        result = real(*args, **kwargs)
+        ran.append(result.ran)
+        return result
+
+    monkeypatch.setattr(client.app, "train_round", watched)
     tmp_path, _, overrides = site
-    sites = neighbours(tmp_path, tiny_model_dir, f"{TARGET},card")
-    seen = both(sites, overrides, crafted(tiny_model_dir, len(LABELS)))
-    assert seen["with"] == seen["without"] and seen["with"][0] == "reply"
-    for policy in sites.values():
+    overrides = {**overrides, "head-batch-size": 8}  # 9 steps an epoch
+    sites = neighbours(tmp_path, tiny_model_dir, f"{TARGET},card", "public-example-count = 72\n")
+    msg = crafted(tiny_model_dir, len(LABELS))
+    released = {}
+    for name, policy in sites.items():
+        reply = train(msg, context(overrides, policy))
+        assert observed(reply)[0] == "reply"
+        released[name] = {key: value.numpy().copy() for key, value in reply.content["arrays"].items()}
         (entry,) = [r for r in ledger_of(policy.parent)["rounds"] if r["kind"] == "train"]
         assert entry["steps"] == RunConfig().head_epochs * round(1 / entry["sample_rate"])
+        assert ran[-1] == [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])]
+        assert entry["sample_rate"] == 1 / 9
+    assert all(np.array_equal(released["with"][key], released["without"][key]) for key in released["with"])
+
+
+def test_a_large_poisson_batch_goes_through_the_model_in_parts_with_the_same_clipped_sum(monkeypatch):
+    """A server-set batch size of 300 is processed in parts of at most MAX_PHYSICAL_BATCH (memory stays bounded),
+    and the step is still the sum of every record's clipped gradient over the expected batch size."""
+    generator = torch.Generator().manual_seed(0)  # the test's own data and head
+    n, clip = 300, 0.5
+    x, y = torch.randn(n, 8, generator=generator) * 3, torch.randint(0, 3, (n,), generator=generator)
+    head = nn.Linear(8, 3)
+    start = {key: value.clone() for key, value in head.state_dict().items()}
+    sizes = []
+    head.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    only_batches(monkeypatch, first=list(range(n)))
+    train_round(head, FeatureData(x, y), loss_fn=nn.functional.cross_entropy, epochs=1, batch_size=n,
+                learning_rate=0.01, dp=DPSettings(0.0, clip, 1.0))
+    assert sizes == [MAX_PHYSICAL_BATCH, MAX_PHYSICAL_BATCH, n - 2 * MAX_PHYSICAL_BATCH]
+    reference = nn.Linear(8, 3)
+    reference.load_state_dict(start)
+    total = [torch.zeros_like(p) for p in reference.parameters()]
+    for i in range(n):
+        reference.zero_grad()
+        nn.functional.cross_entropy(reference(x[i:i + 1]), y[i:i + 1]).backward()
+        grads = [p.grad for p in reference.parameters()]
+        factor = min(1.0, clip / (float(torch.sqrt(sum(g.pow(2).sum() for g in grads))) + 1e-6))
+        for t, g in zip(total, grads):
+            t += g * factor
+    for p, t in zip(head.parameters(), total):
+        torch.testing.assert_close(p.grad, t / n, rtol=1e-5, atol=1e-7)
 
 
 # 4. Server-set numbers reaching accounting or allocation -----------------------------------------------------------
