@@ -462,8 +462,23 @@ def test_a_large_poisson_batch_goes_through_the_model_in_parts_with_the_same_cli
 
 # 4. Server-set numbers reaching accounting or allocation -----------------------------------------------------------
 
+def refuse_to_account(monkeypatch):
+    """Make every accountant computation fail at once: a test of a number that once made an accountant loop for hours
+    or exhaust memory then fails cleanly, and fast, on code that still runs one."""
+    import opacus.accountants.prv as prv
+
+    def refuse(*args, **kwargs):
+        raise MemoryError("an accountant ran on a server-set number it should never have been given")
+
+    monkeypatch.setattr(privacy, "create_accountant", refuse)
+    monkeypatch.setattr(privacy, "compute_safe_domain_size", refuse, raising=False)  # only where PRV is sized first
+    monkeypatch.setattr(prv, "discretize", refuse)
+
+
 @pytest.mark.parametrize("value", [1e-3, 5e-324, 1e9])
-def test_an_evaluation_noise_that_would_exhaust_memory_is_refused_at_the_edge(site, tiny_model_dir, reads, value):
+def test_an_evaluation_noise_that_would_exhaust_memory_is_refused_at_the_edge(site, tiny_model_dir, reads, monkeypatch,
+                                                                              value):
+    refuse_to_account(monkeypatch)
     with pytest.raises(ConfigError, match="eval-noise-multiplier"):
         RunConfig.from_mapping({"eval-noise-multiplier": value})
     tmp_path, _, overrides = site
@@ -474,21 +489,26 @@ def test_an_evaluation_noise_that_would_exhaust_memory_is_refused_at_the_edge(si
 
 
 def test_the_accountant_never_allocates_an_unbounded_grid(monkeypatch):
-    """A noise multiplier of 1e-3 made PRV allocate GBs; 5e-324 exhausted memory. Tiny noise is ε=∞ outright and a
-    history whose PRV grid would be huge is accounted with RDP, an upper bound, before anything is allocated."""
+    """A noise multiplier of 1e-3 made PRV allocate GBs; 5e-324 exhausted memory. Tiny noise is ε=∞ outright, with no
+    accountant run at all, and a history whose PRV grid would be huge is accounted with RDP, an upper bound, before
+    anything is allocated."""
     import opacus.accountants.prv as prv
+
+    with monkeypatch.context() as refusing:
+        refuse_to_account(refusing)
+        for sigma in (1e-3, 1e-160, 5e-324):
+            assert privacy.compute_epsilon([(sigma, 1.0, 1)], 1e-5)[0] == float("inf")
 
     def refuse(*args, **kwargs):
         raise MemoryError("PRV discretised an unbounded grid")
 
     monkeypatch.setattr(prv, "discretize", refuse)
-    for sigma in (1e-3, 1e-160, 5e-324):
-        assert privacy.compute_epsilon([(sigma, 1.0, 1)], 1e-5)[0] == float("inf")
     epsilon, accountant = privacy.compute_epsilon([(1.0, 0.025, 40_000)], 1e-5)
     assert accountant == "rdp" and 0 < epsilon < float("inf")
 
 
 def test_a_plan_of_endless_steps_is_declined_on_the_public_count(site, tiny_model_dir, monkeypatch):
+    refuse_to_account(monkeypatch)  # decided on the public count, before any accountant runs
     tmp_path, _, overrides = site
     sites = neighbours(tmp_path, tiny_model_dir, f"{TARGET},card", "public-example-count = 72\n")
     monkeypatch.setattr(client.app, "train_round", lambda *a, **k: pytest.fail("the site trained"))
