@@ -108,7 +108,7 @@ def site_label_names(config: RunConfig, policy: SitePolicy | None) -> tuple[str,
             f"site {policy.site_id} has no label set: the run names none (labels) and its policy names none; "
             "set labels in the run config or the site policy"
         )
-    return own or run_labels
+    return tasks.checked_labels(config, own or run_labels)
 
 
 @functools.lru_cache(maxsize=4)
@@ -157,8 +157,9 @@ def site_tensors(
         own = names if policy.labels else None
         # A file the site cannot read makes it decline ("cannot use its data"). That is outside the record domain:
         # DP covers adding or removing one valid record, which never makes a readable file unreadable. The run's
-        # task only picks the reader, and a file in the other task's format fails at its header or its first
-        # record, whatever the records are: neither reveals one of them.
+        # task only picks the reader, and a file in the other task's format fails by its type, header, columns or
+        # first record, or (token JSON lines under the sequence task, read as printed lists) has every record left
+        # out: never on one record rather than another (README: Privacy).
         examples = tasks.read_file(config.task, source, policy.text_column, policy.label_column, own)
         if own is None:
             # The label set is the run's. Refusing over a record outside it would tell the server, for free, whether

@@ -40,7 +40,11 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open=False, h
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a run needs, with the defaults every run starts from."""
+    """Everything a run needs, with the defaults every run starts from.
+
+    Every number has a finite range: the server sets them all, and each reaches a site's planning, its bounds or
+    its allocations (a max-site-weight of 1e300 would make the global adapter's bound infinite).
+    """
 
     run_name: str = ""
     runs_dir: str = "runs"
@@ -60,7 +64,7 @@ class RunConfig:
     head_batch_size: int = field(default=256, metadata=_range(1, 65_536))
     head_learning_rate: float = field(default=0.03, metadata=_range(0, 10, lo_open=True))
     local_epochs: int = field(default=1, metadata=_range(1, 1_000))
-    max_examples_per_site: int = field(default=1000, metadata=_range(0, None))
+    max_examples_per_site: int = field(default=1000, metadata=_range(0, 10_000_000))
     max_length: int = field(default=64, metadata=_range(8, 8192))
     batch_size: int = field(default=128, metadata=_range(1, 65_536))
     learning_rate: float = field(default=0.02, metadata=_range(0, 10, lo_open=True))
@@ -74,21 +78,21 @@ class RunConfig:
     lora_r: int = field(default=8, metadata=_range(1, 1024))
     lora_alpha: int = field(default=16, metadata=_range(1, 65_536))
     aggregation: str = "ffa-lora"
-    proximal_mu: float = field(default=0.01, metadata=_range(0, None))
+    proximal_mu: float = field(default=0.01, metadata=_range(0, 1_000))
     server_learning_rate: float = field(default=0.01, metadata=_range(0, 10, lo_open=True))
     trim_fraction: float = field(default=0.2, metadata=_range(0, 0.5, hi_open=True))
     krum_byzantine: int = field(default=1, metadata=_range(0, 1_000))
-    max_update_norm: float = field(default=0.0, metadata=_range(0, None))
-    max_site_weight: int = field(default=10_000, metadata=_range(1, None))
+    max_update_norm: float = field(default=0.0, metadata=_range(0, 1_000_000))
+    max_site_weight: int = field(default=10_000, metadata=_range(1, 1_000_000))
     site_registry: str = ""
     secure_aggregation: bool = False
     central_dp: bool = False
-    central_noise_multiplier: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
-    central_clipping_norm: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
-    dirichlet_alpha: float = field(default=1.0, metadata=_range(0, None, lo_open=True))
-    min_sites: int = field(default=2, metadata=_range(1, None))
-    round_timeout: float = field(default=3600, metadata=_range(0, None, lo_open=True))
-    eval_examples: int = field(default=600, metadata=_range(0, None))
+    central_noise_multiplier: float = field(default=1.0, metadata=_range(0, 1_000, lo_open=True))
+    central_clipping_norm: float = field(default=1.0, metadata=_range(0, 1_000_000, lo_open=True))
+    dirichlet_alpha: float = field(default=1.0, metadata=_range(0, 1_000_000, lo_open=True))
+    min_sites: int = field(default=2, metadata=_range(1, 10_000))
+    round_timeout: float = field(default=3600, metadata=_range(0, 604_800, lo_open=True))  # a week
+    eval_examples: int = field(default=600, metadata=_range(0, 10_000_000))
     seed: int = field(default=42, metadata=_range(0, 2**31 - 1))
 
     @classmethod

@@ -230,11 +230,28 @@ def _read_json_lines(where: str, text: str, text_column: str, label_column: str)
                 "(e.g. pandas: df.to_json(path, orient='records', lines=True))."
             )
         keys.update(record)
+        for column in (text_column, label_column):
+            check_characters(f"{where}, line {number}", column, record.get(column))
         rows.append((number, record.get(text_column), record.get(label_column)))
     if not rows:
         raise DataError(f"{where}: the file has no JSON objects. Fix: export the data again.")
     _require_columns(where, sorted(keys), text_column, label_column)
     return rows
+
+
+def check_characters(at: str, key: str, value: object) -> None:
+    """Raise ``DataError`` when a JSON string holds an escaped lone surrogate (such as "\\ud800").
+
+    JSON lets one through, but it is no character: the tokenizer would fail on that record later, in a round.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{at}: {key!r} holds an escaped lone surrogate (a \\ud800-\\udfff escape without its pair), "
+                "which is not a character. Fix: export the data again as valid UTF-8."
+            ) from None
 
 
 class _DuplicateKey(ValueError):

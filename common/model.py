@@ -197,11 +197,24 @@ def load_adapter(
 
 def check_max_length(model: nn.Module, max_length: int) -> None:
     """Raise ``ModelError`` when texts of `max_length` tokens do not fit the base model's position embeddings."""
+    positions = usable_positions(model)
+    if positions is not None and max_length > positions:
+        raise ModelError(f"max-length={max_length} is more than the base model's {positions} usable positions; "
+                         f"set max-length to at most {positions}")
+
+
+def usable_positions(model: nn.Module) -> int | None:
+    """How many tokens one text may have: the position embeddings, less those a RoBERTa-style model never uses.
+
+    RoBERTa, XLM-R and their kin number a text's tokens from padding_idx + 1 (their embeddings keep that
+    `padding_idx`), so 514 position embeddings hold 512 tokens; a longer text fails in the forward pass.
+    """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     positions = getattr(inner.encoder.config, "max_position_embeddings", None)
-    if positions is not None and max_length > positions:
-        raise ModelError(f"max-length={max_length} is more than the base model's {positions} positions; "
-                         f"set max-length to at most {positions}")
+    offset = getattr(getattr(inner.encoder, "embeddings", None), "padding_idx", None)
+    if positions is None or offset is None:
+        return positions
+    return positions - (offset + 1)
 
 
 def pick_device() -> torch.device:

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from common import data, metrics, token_data
-from common.config import BUNDLED_DATASETS, RunConfig
+from common.config import BUNDLED_DATASETS, ConfigError, RunConfig
 from common.model import MeanPoolClassifier, TokenClassifier, load_tokenizer
 from common.train import TensorData
 
 IGNORE = token_data.IGNORE_INDEX  # a label position the loss and metrics skip (later sub-words, special tokens, padding)
+# The head has a row per label, and an evaluation row three counts per label: the server's label set sizes both.
+MAX_LABELS = 1000
 
 
 class Task:
@@ -35,6 +37,15 @@ class Task:
     score_keys: tuple[str, ...]  # the scores an evaluation reports, each in [0, 1]
     primary: str  # the score the report ranks sites and rounds by
     count_bound: float
+
+    def check_labels(self, names: Sequence[str]) -> None:
+        """Raise ``ConfigError`` naming `labels` unless `names` is a label set this task can train and score.
+
+        Checked before any data is read: a label set the metrics cannot handle would make a site fail on some
+        records' predictions only, and whether it failed would tell the server those records are there.
+        """
+        if not 1 <= len(names) <= MAX_LABELS:
+            raise ConfigError(f"labels: the label set has {len(names)} labels; allowed: 1 to {MAX_LABELS}")
 
     def read(self, path: str, text_column: str, label_column: str, label_names: Sequence[str] | None):
         raise NotImplementedError
@@ -128,6 +139,17 @@ class TokenClassification(Task):
     # A sentence's [TP, FP, FN] row per entity type is clipped to this L2 norm: most sentences hold 0-2 entities.
     count_bound = 3.0
 
+    def check_labels(self, names):
+        super().check_labels(names)
+        bad = [name for name in names if not token_data.is_iob2_tag(name)]
+        if bad:
+            raise ConfigError(f"labels: {bad[0]!r} is not an IOB2 tag; {token_data.IOB2_TAGS}")
+        if "O" not in names:
+            raise ConfigError(f"labels: the label set has no 'O'; {token_data.IOB2_TAGS}")
+        orphan = next((name for name in names if name.startswith("I-") and "B-" + name[2:] not in names), None)
+        if orphan:
+            raise ConfigError(f"labels: {orphan!r} has no 'B-{orphan[2:]}'; {token_data.IOB2_TAGS}")
+
     def read(self, path, text_column, label_column, label_names):
         return token_data.read_token_examples(
             path, tokens_key=text_column or "tokens", tags_key=label_column or "tags", label_names=label_names
@@ -198,9 +220,15 @@ def label_names(config: RunConfig) -> tuple[str, ...]:
     if config.dataset in BUNDLED_DATASETS:
         return data.load_bundled(config.dataset).label_names
     if config.labels:
-        return parse_labels(config.labels)
+        return checked_labels(config, parse_labels(config.labels))
     examples = read_file(config.task, config.dataset, config.text_column, config.label_column)
-    return sort_labels(get(config).labels_in(examples))
+    return checked_labels(config, sort_labels(get(config).labels_in(examples)))
+
+
+def checked_labels(config: RunConfig, names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names`, once the run's task has accepted them as its label set (``ConfigError`` naming `labels` if not)."""
+    get(config).check_labels(names)
+    return names
 
 
 def parse_labels(text: str) -> tuple[str, ...]:

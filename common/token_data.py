@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from common.data import DataError, _DuplicateKey, _label_list, _names, _read_bytes, _unique_keys, decode_utf8
+from common.data import (DataError, _DuplicateKey, _label_list, _names, _read_bytes, _unique_keys, check_characters,
+                         decode_utf8)
 
 log = logging.getLogger(f"flwr.privet.{__name__}")  # Flower's handler prints it, as in every Flower process
 
@@ -27,6 +28,9 @@ IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips: later sub-words,
 MAX_WORDS = 512
 _DOCSTART = "-DOCSTART-"
 _IOB2_FIX = "tags must be O, B-<type> (first word of an entity) or I-<type> (later words of the same entity)"
+# What a run's tag set must be, for messages that refuse one.
+IOB2_TAGS = ('a token-classification label set is IOB2: "O", and B-<type> / I-<type> tags (a type without spaces), '
+             "with a B-<type> for every I-<type>")
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ def _string_list(at: str, record: dict, key: str) -> list[str]:
         if not isinstance(item, str):
             raise DataError(f"{at}: item {k} of {key!r} is a JSON {type(item).__name__}, not a string. "
                             "Fix: write every word and every tag as a string.")
+        check_characters(at, key, item)
     return value
 
 

@@ -8,7 +8,10 @@ other does not), and asserts that the server sees the same. None depends on secr
 release is held fixed, or the assertion is structural.
 """
 
+import dataclasses
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -21,11 +24,13 @@ import client.app
 import client.site
 from client.app import evaluate, train
 from common import adapters, privacy
-from common.config import ConfigError, RunConfig
+from common.bounds import global_distance_bound
+from common.config import AGGREGATIONS, ConfigError, RunConfig
 from common.data import record_bucket
 from common.model import HeadOnly, build_model
-from common.task import TASKS
-from common.train import DPSettings, FeatureData, features, train_round
+from common.task import TASKS, sort_labels
+from common.train import MAX_PHYSICAL_BATCH, DPSettings, FeatureData, features, train_round
+from tests.conftest import WORDS, write_tiny_model
 from tests.test_client import LABELS, context, message, site, task_identity  # noqa: F401  (fixtures)
 from tests.test_model_train import NUM_LABELS, make_data, make_token_data
 from tests.test_simulation import write_site_data
@@ -33,6 +38,51 @@ from tests.test_site_privacy import ledger_of, policy_for
 
 TARGET = "wire transfer fraud reported by my bank"  # on the training side of the site's stable split
 RARE_LABEL = "wire-fraud"
+NER_WORDS = "account bank card credit debt loan mortgage payment report score student transfer".split()
+
+
+def ner_target(validation: bool) -> list[str]:
+    """A sentence of the tiny vocabulary that the site's stable split puts on the asked side (public: a hash)."""
+    for first in NER_WORDS:
+        for second in NER_WORDS:
+            words = ["the", first, "wire", second, "money"]
+            if (record_bucket(" ".join(words)) < client.site.VAL_FRACTION) == validation:
+                return words
+    raise AssertionError("no such sentence")
+
+
+def ner_neighbours(tmp_path, model_dir, target: list[str]) -> dict:
+    """Two token-classification policy sites whose JSON lines differ by `target` only, tagged with the rare type LOC;
+    every other sentence holds a PER entity, so a label set without PER leaves the target alone, or nothing."""
+    rows = [{"tokens": ["my", NER_WORDS[i % 12], "loan", NER_WORDS[(5 * i) % 12]], "tags": ["O", "B-PER", "I-PER", "O"]}
+            for i in range(40)]
+    rare = {"tokens": target, "tags": ["O", "B-LOC", "I-LOC", "O", "O"]}
+    sites = {}
+    for name, records in (("with", [*rows, rare]), ("without", rows)):
+        home = tmp_path / name
+        home.mkdir()
+        (home / "notes.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        policy = policy_for(home, home / "notes.jsonl", model_dir)
+        policy.write_text(policy.read_text().replace('"text"', '"tokens"').replace('"product"', '"tags"'))
+        sites[name] = policy
+    return sites
+
+
+def ner_run(model_dir, labels: str, **more) -> dict:
+    return {"task": "token-classification", "dataset": "policy", "labels": labels, "model": str(model_dir),
+            "batch-size": 8, "max-length": 16, "max-examples-per-site": 0, "num-server-rounds": 3,
+            "target-epsilon": 2.0, **more}
+
+
+def favour(label: str, labels: str):
+    """An edit of the global head that makes every position predict `label` (a bias well inside the honest bound)."""
+    index = sort_labels(name.strip() for name in labels.split(",")).index(label)
+
+    def edit(state):
+        key = next(k for k in state if "classifier" in k and k.endswith("bias"))
+        state[key][index] = 100.0
+
+    return edit
 
 
 def neighbours(tmp_path, tiny_model_dir, target_row: str, extra: str = "") -> dict:
@@ -136,16 +186,23 @@ def test_a_head_that_overflows_one_records_logit_cannot_mark_it(tiny_model_dir):
     assert all(torch.isfinite(value).all() for value in release(list(range(40)), 1.0).values())
 
 
-@pytest.mark.parametrize("server_round", [1, 2])
-def test_a_crafted_global_adapter_is_declined_before_any_data_is_read(site, tiny_model_dir, reads, server_round):
+@pytest.mark.parametrize("lora_rounds, tensor, server_round", [
+    (0, "classifier", 1), (0, "classifier", 2), (0, "lora_B", 1), (3, "classifier", 1), (3, "lora_B", 1),
+    (3, "lora_B", 2),
+], ids=["head-only head r1", "head-only head r2", "head-only lora_B r1", "LoRA head r1", "LoRA lora_B r1",
+        "LoRA lora_B r2"])
+def test_a_crafted_global_adapter_is_declined_before_any_data_is_read(site, tiny_model_dir, reads, lora_rounds, tensor,
+                                                                      server_round):
+    """In head-only and LoRA phases alike, whichever trainable tensor the server crafts."""
     tmp_path, _, overrides = site
     sites = neighbours(tmp_path, tiny_model_dir, f"{TARGET},card")
 
     def overflow(state):
-        key = next(k for k in state if "classifier" in k and k.endswith("weight"))
+        key = next(k for k in sorted(state) if tensor in k and k.endswith("weight"))
         state[key][0] = 1e30  # finite, but farther from the start than any aggregation of honest rounds
 
-    seen = both(sites, overrides, crafted(tiny_model_dir, len(LABELS), server_round=server_round, edit=overflow))
+    run = {**overrides, "lora-rounds": lora_rounds}
+    seen = both(sites, run, crafted(tiny_model_dir, len(LABELS), server_round=server_round, edit=overflow))
     assert seen["with"] == seen["without"]
     assert seen["with"][0] == "decline" and "public start" in seen["with"][1]
     assert reads == [] and not any((policy.parent / "state").exists() for policy in sites.values())
@@ -188,6 +245,53 @@ def test_a_label_set_that_leaves_no_record_is_answered_like_one_that_leaves_one(
         assert [r["kind"] for r in ledger_of(policy.parent)["rounds"]] == ["count", "train", "evaluate"]
 
 
+def test_a_token_label_set_that_leaves_no_record_is_answered_like_one_that_leaves_one(tmp_path, tiny_model_dir):
+    """The same probe for token classification: `labels='O,B-LOC,I-LOC'` leaves the target sentence, or nothing."""
+    sites = ner_neighbours(tmp_path, tiny_model_dir, ner_target(False))
+    probe = ner_run(tiny_model_dir, "O,B-LOC,I-LOC")
+    for kind, handler in ((MessageType.TRAIN, train), (MessageType.EVALUATE, evaluate)):
+        seen = both(sites, probe, crafted(tiny_model_dir, 3, kind=kind), handler)
+        assert seen["with"] == seen["without"] and seen["with"][0] == "reply", seen
+    for policy in sites.values():
+        assert [r["kind"] for r in ledger_of(policy.parent)["rounds"]] == ["count", "train", "evaluate"]
+
+
+@pytest.mark.parametrize("labels, odd", [("O,B-LOC,I-LOC,ZZZ", "ZZZ"), ("O,B-LOC,I-LOC,E-LOC", "E-LOC")])
+def test_a_token_label_set_scoring_cannot_read_is_refused_before_any_data_is_read(tmp_path, tiny_model_dir, reads,
+                                                                                 labels, odd):
+    """A label seqeval cannot parse, and a global head biased to predict it everywhere: scoring raised on the
+    predictions of the target's sentence only (the only one the label set leaves), so a failed evaluation meant the
+    target is there. The label set must be refused on its own, before any data is read."""
+    sites = ner_neighbours(tmp_path, tiny_model_dir, ner_target(True))
+    msg = crafted(tiny_model_dir, 4, kind=MessageType.EVALUATE, edit=favour(odd, labels))
+    seen = both(sites, ner_run(tiny_model_dir, labels), msg, evaluate)
+    assert seen["with"] == seen["without"], seen
+    assert seen["with"][0] == "decline" and seen["with"][1].startswith("labels:") and reads == []
+
+
+@pytest.mark.parametrize("labels, problem", [
+    ("O,I-LOC", "'I-LOC' has no 'B-LOC'"), ("B-LOC,I-LOC", "no 'O'"), ("O,B-LOC,LOC", "'LOC' is not an IOB2 tag"),
+    ("O,B-LOC,B--LOC", "'B--LOC' is not an IOB2 tag"), (",".join(f"B-T{i}" for i in range(1000)) + ",O", "1001 labels"),
+])
+def test_a_token_label_set_that_is_not_iob2_is_refused_naming_labels(tmp_path, tiny_model_dir, reads, labels, problem):
+    sites = ner_neighbours(tmp_path, tiny_model_dir, ner_target(True))
+    seen = both(sites, ner_run(tiny_model_dir, labels), crafted(tiny_model_dir, 2))
+    assert seen["with"] == seen["without"] and seen["with"][0] == "decline", seen
+    assert seen["with"][1].startswith("labels:") and problem in seen["with"][1] and reads == []
+    with pytest.raises(ConfigError, match=f"^labels: .*{re.escape(problem)}"):
+        TASKS["token-classification"].check_labels(sort_labels(labels.split(",")))
+
+
+def test_a_head_that_predicts_broken_iob2_everywhere_is_scored_alike(tmp_path, tiny_model_dir):
+    """A valid label set, and a head that predicts I-LOC at every position (no B-LOC: not an entity in strict IOB2):
+    both neighbours answer the evaluation."""
+    sites = ner_neighbours(tmp_path, tiny_model_dir, ner_target(True))
+    labels = "O,B-LOC,I-LOC"
+    msg = crafted(tiny_model_dir, 3, kind=MessageType.EVALUATE, edit=favour("I-LOC", labels))
+    seen = both(sites, ner_run(tiny_model_dir, labels), msg, evaluate)
+    assert seen["with"] == seen["without"] and seen["with"][0] == "reply", seen
+
+
 def test_a_max_length_beyond_the_models_positions_is_declined_before_any_data_is_read(site, tiny_model_dir, reads):
     """Combined with a label probe, a forward pass that fails only when a record is left would answer it."""
     tmp_path, _, overrides = site
@@ -196,6 +300,47 @@ def test_a_max_length_beyond_the_models_positions_is_declined_before_any_data_is
     seen = both(sites, probe, crafted(tiny_model_dir, 2))
     assert seen["with"] == seen["without"]
     assert seen["with"][0] == "decline" and "max-length=256" in seen["with"][1] and reads == []
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta_dir(tmp_path_factory):
+    """A tiny RoBERTa (positions numbered from padding_idx + 1) with 18 position embeddings: 17 usable."""
+    from transformers import RobertaConfig, RobertaModel
+
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny-roberta"))  # its BERT tokenizer pads with id 0
+    for weights in path.glob("*.safetensors"):
+        weights.unlink()
+    config = RobertaConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=18, pad_token_id=0)
+    torch.manual_seed(0)
+    RobertaModel(config).save_pretrained(path)
+    return path
+
+
+def test_a_max_length_a_roberta_cannot_hold_is_declined_before_any_data_is_read(site, tiny_roberta_dir, reads):
+    """18 position embeddings hold 17 tokens in RoBERTa: at max-length=18 a record of 18 tokens or more made the
+    forward pass fail, and only a site holding one failed."""
+    tmp_path, _, overrides = site
+    long = " ".join(["money", "wire", "transfer", "report", "my", "bank", "account"] * 3)
+    assert record_bucket(long) >= client.site.VAL_FRACTION  # the long record trains
+    sites = neighbours(tmp_path, tiny_roberta_dir, f"{long},card")
+    run = {**overrides, "model": str(tiny_roberta_dir), "max-length": 18}
+    seen = both(sites, run, crafted(tiny_roberta_dir, len(LABELS)))
+    assert seen["with"] == seen["without"], seen
+    assert seen["with"][0] == "decline" and "max-length=18" in seen["with"][1] and "at most 17" in seen["with"][1]
+    assert reads == []
+
+
+def test_a_roberta_site_with_no_usable_record_answers_like_one_with_records(site, tiny_roberta_dir):
+    """At the usable length, a label probe leaves the target or nothing: the site with nothing computes its
+    features' shape from a public blank input, and both train and evaluate alike."""
+    tmp_path, _, overrides = site
+    sites = neighbours(tmp_path, tiny_roberta_dir, f"{TARGET},{RARE_LABEL}")
+    probe = {**overrides, "model": str(tiny_roberta_dir), "max-length": 17,
+             "labels": f"{RARE_LABEL},zz-held-by-nobody"}
+    for kind, handler in ((MessageType.TRAIN, train), (MessageType.EVALUATE, evaluate)):
+        seen = both(sites, probe, crafted(tiny_roberta_dir, 2, kind=kind), handler)
+        assert seen["with"] == seen["without"] and seen["with"][0] == "reply", seen
 
 
 # 3. Empty Poisson batches ------------------------------------------------------------------------------------------
@@ -253,22 +398,87 @@ def test_the_noise_only_step_is_the_sampled_gaussian_mechanism(monkeypatch):
     private.close()
 
 
-def test_a_round_of_only_empty_batches_matches_its_ledger_entry(site, tiny_model_dir, monkeypatch):
-    """The site's own check (what Opacus ran equals the ledger's entry) holds with empty steps counted."""
-    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", lambda sampler: iter([[]] * sampler.steps))
+def test_a_round_of_empty_batches_releases_the_noise_alone(site, tiny_model_dir, monkeypatch):
+    """One record in the first batch, every later batch empty, and the noise held at zero: an empty step must add
+    nothing but the noise, so both neighbours send back the same adapter, and what Opacus ran, empty steps included,
+    is the ledger's entry. (rand_on_empty forwarded a random row on each empty step, whose clipped gradient moved
+    the head: the two updates differed by whatever those rows were.)"""
+    import opacus.optimizers.optimizer as opacus_optimizer
+
+    only_batches(monkeypatch, first=[0])  # each epoch: the first training record (the same at both sites), then empty
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise",
+                        lambda std, reference, generator=None, secure_mode=False: torch.zeros_like(reference))
+    ran, real = [], client.app.train_round
+
+    def watched(*args, **kwargs):
+        result = real(*args, **kwargs)
+        ran.append(result.ran)
+        return result
+
+    monkeypatch.setattr(client.app, "train_round", watched)
     tmp_path, _, overrides = site
-    sites = neighbours(tmp_path, tiny_model_dir, f"{TARGET},card")
-    seen = both(sites, overrides, crafted(tiny_model_dir, len(LABELS)))
-    assert seen["with"] == seen["without"] and seen["with"][0] == "reply"
-    for policy in sites.values():
+    overrides = {**overrides, "head-batch-size": 8}  # 9 steps an epoch
+    sites = neighbours(tmp_path, tiny_model_dir, f"{TARGET},card", "public-example-count = 72\n")
+    msg = crafted(tiny_model_dir, len(LABELS))
+    released = {}
+    for name, policy in sites.items():
+        reply = train(msg, context(overrides, policy))
+        assert observed(reply)[0] == "reply"
+        released[name] = {key: value.numpy().copy() for key, value in reply.content["arrays"].items()}
         (entry,) = [r for r in ledger_of(policy.parent)["rounds"] if r["kind"] == "train"]
         assert entry["steps"] == RunConfig().head_epochs * round(1 / entry["sample_rate"])
+        assert ran[-1] == [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])]
+        assert entry["sample_rate"] == 1 / 9
+    assert all(np.array_equal(released["with"][key], released["without"][key]) for key in released["with"])
+
+
+def test_a_large_poisson_batch_goes_through_the_model_in_parts_with_the_same_clipped_sum(monkeypatch):
+    """A server-set batch size of 300 is processed in parts of at most MAX_PHYSICAL_BATCH (memory stays bounded),
+    and the step is still the sum of every record's clipped gradient over the expected batch size."""
+    generator = torch.Generator().manual_seed(0)  # the test's own data and head
+    n, clip = 300, 0.5
+    x, y = torch.randn(n, 8, generator=generator) * 3, torch.randint(0, 3, (n,), generator=generator)
+    head = nn.Linear(8, 3)
+    start = {key: value.clone() for key, value in head.state_dict().items()}
+    sizes = []
+    head.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    only_batches(monkeypatch, first=list(range(n)))
+    train_round(head, FeatureData(x, y), loss_fn=nn.functional.cross_entropy, epochs=1, batch_size=n,
+                learning_rate=0.01, dp=DPSettings(0.0, clip, 1.0))
+    assert sizes == [MAX_PHYSICAL_BATCH, MAX_PHYSICAL_BATCH, n - 2 * MAX_PHYSICAL_BATCH]
+    reference = nn.Linear(8, 3)
+    reference.load_state_dict(start)
+    total = [torch.zeros_like(p) for p in reference.parameters()]
+    for i in range(n):
+        reference.zero_grad()
+        nn.functional.cross_entropy(reference(x[i:i + 1]), y[i:i + 1]).backward()
+        grads = [p.grad for p in reference.parameters()]
+        factor = min(1.0, clip / (float(torch.sqrt(sum(g.pow(2).sum() for g in grads))) + 1e-6))
+        for t, g in zip(total, grads):
+            t += g * factor
+    for p, t in zip(head.parameters(), total):
+        torch.testing.assert_close(p.grad, t / n, rtol=1e-5, atol=1e-7)
 
 
 # 4. Server-set numbers reaching accounting or allocation -----------------------------------------------------------
 
+def refuse_to_account(monkeypatch):
+    """Make every accountant computation fail at once: a test of a number that once made an accountant loop for hours
+    or exhaust memory then fails cleanly, and fast, on code that still runs one."""
+    import opacus.accountants.prv as prv
+
+    def refuse(*args, **kwargs):
+        raise MemoryError("an accountant ran on a server-set number it should never have been given")
+
+    monkeypatch.setattr(privacy, "create_accountant", refuse)
+    monkeypatch.setattr(privacy, "compute_safe_domain_size", refuse, raising=False)  # only where PRV is sized first
+    monkeypatch.setattr(prv, "discretize", refuse)
+
+
 @pytest.mark.parametrize("value", [1e-3, 5e-324, 1e9])
-def test_an_evaluation_noise_that_would_exhaust_memory_is_refused_at_the_edge(site, tiny_model_dir, reads, value):
+def test_an_evaluation_noise_that_would_exhaust_memory_is_refused_at_the_edge(site, tiny_model_dir, reads, monkeypatch,
+                                                                              value):
+    refuse_to_account(monkeypatch)
     with pytest.raises(ConfigError, match="eval-noise-multiplier"):
         RunConfig.from_mapping({"eval-noise-multiplier": value})
     tmp_path, _, overrides = site
@@ -279,27 +489,59 @@ def test_an_evaluation_noise_that_would_exhaust_memory_is_refused_at_the_edge(si
 
 
 def test_the_accountant_never_allocates_an_unbounded_grid(monkeypatch):
-    """A noise multiplier of 1e-3 made PRV allocate GBs; 5e-324 exhausted memory. Tiny noise is ε=∞ outright and a
-    history whose PRV grid would be huge is accounted with RDP, an upper bound, before anything is allocated."""
+    """A noise multiplier of 1e-3 made PRV allocate GBs; 5e-324 exhausted memory. Tiny noise is ε=∞ outright, with no
+    accountant run at all, and a history whose PRV grid would be huge is accounted with RDP, an upper bound, before
+    anything is allocated."""
     import opacus.accountants.prv as prv
+
+    with monkeypatch.context() as refusing:
+        refuse_to_account(refusing)
+        for sigma in (1e-3, 1e-160, 5e-324):
+            assert privacy.compute_epsilon([(sigma, 1.0, 1)], 1e-5)[0] == float("inf")
 
     def refuse(*args, **kwargs):
         raise MemoryError("PRV discretised an unbounded grid")
 
     monkeypatch.setattr(prv, "discretize", refuse)
-    for sigma in (1e-3, 1e-160, 5e-324):
-        assert privacy.compute_epsilon([(sigma, 1.0, 1)], 1e-5)[0] == float("inf")
     epsilon, accountant = privacy.compute_epsilon([(1.0, 0.025, 40_000)], 1e-5)
     assert accountant == "rdp" and 0 < epsilon < float("inf")
 
 
 def test_a_plan_of_endless_steps_is_declined_on_the_public_count(site, tiny_model_dir, monkeypatch):
+    refuse_to_account(monkeypatch)  # decided on the public count, before any accountant runs
     tmp_path, _, overrides = site
     sites = neighbours(tmp_path, tiny_model_dir, f"{TARGET},card", "public-example-count = 72\n")
     monkeypatch.setattr(client.app, "train_round", lambda *a, **k: pytest.fail("the site trained"))
     endless = {**overrides, "head-epochs": 10_000, "head-batch-size": 1}
     seen = both(sites, endless, crafted(tiny_model_dir, len(LABELS)))
     assert seen["with"] == seen["without"] and "head-epochs" in seen["with"][1]
+
+
+NUMERIC_KEYS = [f for f in dataclasses.fields(RunConfig) if f.type in ("int", "float", int, float)]
+
+
+@pytest.mark.parametrize("key", [f.name.replace("_", "-") for f in NUMERIC_KEYS])
+def test_every_server_set_number_has_a_finite_range_named_in_its_error(key):
+    with pytest.raises(ConfigError, match=rf"^{key}=[0-9.e+]+ is out of range; allowed range: [\[(]\S+, [0-9.e+]+[\])]$"):
+        RunConfig.from_mapping({key: 1e300})
+
+
+def test_the_global_check_stays_finite_at_the_top_of_every_range():
+    """A bound of ∞ (max-site-weight=1e300) would accept any crafted global adapter."""
+    top = {f.name: f.metadata["hi"] for f in NUMERIC_KEYS if not f.metadata["hi_open"]}
+    spec = {"weight": (4096, 4096)}
+    for aggregation in AGGREGATIONS:
+        for extra in ({}, {"secure_aggregation": True}, {"central_dp": True}):
+            config = dataclasses.replace(RunConfig(), **top, aggregation=aggregation, **extra)
+            assert math.isfinite(global_distance_bound(config, spec, config.num_server_rounds)), (aggregation, extra)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_a_label_set_of_more_than_a_thousand_labels_is_refused_naming_labels(task):
+    names = ("O", *(f"B-T{i}" for i in range(1000)))
+    with pytest.raises(ConfigError, match="^labels: the label set has 1001 labels; allowed: 1 to 1000$"):
+        TASKS[task].check_labels(names)
+    TASKS[task].check_labels(names[:1000])
 
 
 # 5. Other randomness -----------------------------------------------------------------------------------------------

@@ -206,6 +206,14 @@ def test_invalid_json_line(tmp_path):
     assert "line 2" in data_error(path, "text", "label")
 
 
+@pytest.mark.parametrize("record", [{"text": SECRET + "\ud800", "label": "a"}, {"text": "ok", "label": "\udc00"}])
+def test_a_lone_surrogate_escape_in_json_lines_names_its_line(tmp_path, record):
+    """JSON lets "\\ud800" through, but it is no character: the tokenizer would fail on it in a round."""
+    path = write(tmp_path, "site.jsonl", json.dumps({"text": "ok", "label": "a"}) + "\n" + json.dumps(record) + "\n")
+    message = data_error(path, "text", "label")
+    assert "line 2" in message and "lone surrogate" in message and "\n" not in message
+
+
 def test_json_array_instead_of_json_lines(tmp_path):
     path = write(tmp_path, "site.json", json.dumps([{"text": SECRET, "label": SECRET_LABEL}]))
     assert "not a JSON array" in data_error(path, "text", "label")

@@ -78,11 +78,23 @@ def test_macro_f1_counts_every_type_of_the_run_even_one_never_seen():
     assert scores["micro_f1"] == pytest.approx(MICRO_F1)
 
 
-def test_entity_counts_refuse_misaligned_tags_and_types_outside_the_run():
+def test_entity_counts_refuse_misaligned_tags_and_true_types_outside_the_run():
     with pytest.raises(ValueError, match="same number"):
         entity_counts([["O", "B-PER"]], [["O"]], TYPES)
     with pytest.raises(ValueError, match="not in entity_types"):
         entity_counts([["B-DATE"]], [["O"]], TYPES)
+
+
+@pytest.mark.parametrize("odd", ["FOO", "BX", "E-PER", "I-", "B-", "", "-", "B-DATE", "I-DATE", "B- PER"])
+def test_any_predicted_tag_is_counted_as_o_when_it_names_no_entity_type_of_the_run(odd):
+    """Scoring never raises on a prediction (a site scores whatever the server's model predicts): a predicted tag
+    that is not IOB2, or of a type outside the run, counts as O, in the counts and the report alike."""
+    true = [["B-PER", "I-PER", "O"]]
+    pred = [["B-PER", odd, odd]]
+    as_o = [["B-PER", "O", "O"]]
+    assert entity_counts(true, pred, TYPES).tolist() == entity_counts(true, as_o, TYPES).tolist()
+    if not odd.endswith("DATE"):  # the report lists every type predicted, as seqeval does
+        assert entity_report(true, pred) == entity_report(true, as_o)
 
 
 def test_noisy_and_negative_counts_give_finite_scores_between_0_and_1():
