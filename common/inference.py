@@ -267,6 +267,9 @@ def _base_model(info: dict, override: str | None) -> str:
         path = resolve_model(name)
     except ModelError as err:
         raise InferenceError(str(err)) from None
+    if override is not None and not Path(path).is_dir():
+        raise InferenceError(f"--model (model=) {name!r} is not a directory on this machine: give a local copy of "
+                             "the run's base model")
     if not Path(path).is_dir():
         raise InferenceError(
             f"the base model {name!r} is not a directory on this machine; pass --model (model=) with a local copy "

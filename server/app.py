@@ -40,9 +40,13 @@ def main(grid: Grid, context: Context) -> None:
         raise RunDirError("resume=true needs run-name: the name of the run to continue (runs-dir lists them)")
     run = RunDir(config.runs_dir, config.run_name or default_run_name())
     # The generated name is stored as the run's name, so `resume=true run-name=<it>` finds the same config.
-    last_round = run.start(config.resume, {**config.to_mapping(), "run-name": run.name})
-    log.info("Privet run %s in %s (starting at round %d)", run.name, run.path, last_round + 1)
+    saved = {**config.to_mapping(), "run-name": run.name}
+    # Everything is checked (directory, model, data) before the directory is written: a failed start leaves
+    # nothing behind that would block the same command once its input is fixed.
+    last_round = run.check(config.resume, saved)
     federation = Federation(config, run, grid, last_round)
+    run.start(config.resume, saved)
+    log.info("Privet run %s in %s (starting at round %d)", run.name, run.path, last_round + 1)
     for server_round in range(last_round + 1, config.num_server_rounds + 1):
         federation.round(server_round)
     federation.finish()
