@@ -304,9 +304,10 @@ def _transparency(run: dict, eps: dict[str, dict], central: str | None) -> list[
         tensors = "the LoRA A and B matrices"
     ran = phases(config, trained_rounds(run["rows"]))
     trained = {phase["phase"] for phase in ran}
-    changed = "the task head" if trained == {"head-only"} else f"{tensors} and the task head"
-    left = [f"The adapter's trainable tensors after DP-SGD ({changed} changed in the rounds that trained). No "
-            "base-model weights. Inside ε.",
+    changed = "; only the head changed: head-only rounds leave LoRA at its shared start" if trained == {"head-only"} \
+        else ""
+    left = [f"The adapter's trainable tensors: {tensors} and the task head, after DP-SGD{changed}. No base-model "
+            "weights. Inside ε.",
             "Each round it trained: its example count (the number its policy declares public, or the DP example "
             "count below, released once per run and charged to its ledger), the number of DP-SGD steps (derived "
             "from that count) and ε spent so far (derived from the ledger). Inside ε or declared public.",
