@@ -227,7 +227,10 @@ def model_card(facts: dict, name: str) -> str:
             "tags, seen = [], set()",
             "for position, word in enumerate(batch.word_ids()):",
             "    if word is not None and word not in seen:  # a word's tag is its first sub-word's",
-            "        seen.add(word)", "        tags.append(model.config.id2label[int(ids[position])])", "```", "",
+            "        seen.add(word)", "        tags.append(model.config.id2label[int(ids[position])])",
+            "# Valid IOB2, as Privet tags: an I-X that would start an entity becomes B-X.",
+            "tags = [f\"B-{t[2:]}\" if t.startswith(\"I-\") and (i == 0 or tags[i - 1][2:] != t[2:]) else t",
+            "        for i, t in enumerate(tags)]", "```", "",
             "A standard token-classification model (the LoRA-merged encoder and a linear tag head): one IOB2 tag per "
             "word, read at the word's first sub-word. Privet tags a sentence longer than the limit in consecutive "
             "windows.",

@@ -282,7 +282,7 @@ def valid_iob2(tags: Sequence[str]) -> list[str]:
     `privet predict` both see the repaired tags."""
     out = []
     for tag in tags:
-        if tag.startswith("I-") and (not out or out[-1][2:] != tag[2:] or out[-1] == "O"):
+        if tag.startswith("I-") and (not out or out[-1][2:] != tag[2:]):  # "O"[2:] is no entity type
             tag = "B-" + tag[2:]
         out.append(tag)
     return out
