@@ -330,8 +330,9 @@ def run(args: argparse.Namespace) -> int:
     """Audit, print the result and write audit.json (refreshing the run's report when it lands in a run directory);
     0: no violation, 1: VIOLATION. A run that cannot be audited raises its user error (`privet audit` exits with 2)."""
     config = load_config(args.run_dir, args.run_config)
-    if args.canaries is not None and args.guesses is not None:
-        check_sizes(args.canaries, args.guesses, args.confidence)
+    # Sizes wrong whatever the site holds fail before its data loads; those that depend on it are checked there.
+    check_sizes(DEFAULT_CANARIES if args.canaries is None else args.canaries,
+                2 if args.guesses is None else args.guesses, args.confidence)
     with tempfile.TemporaryDirectory(prefix="privet-audit-") as scratch:
         terms, partition = audited_terms(config, args.policy, args.site, args.sites, Path(scratch))
         result = audit_site(config, terms, partition, canaries=args.canaries, guesses=args.guesses,
