@@ -46,9 +46,11 @@ class RunDir:
         """Whether the run may start as asked, writing nothing; return the last completed round (0 for a fresh run)."""
         state_file = self.path / STATE_FILE
         if state_file.exists() and not resume:
+            progress, finished = self._progress()
+            more = " with a larger num-server-rounds" if finished else ""
             raise RunDirError(
-                f"run directory {self.path} already holds run {self.name!r} ({self._progress()}); to continue it "
-                f"pass resume=true, or choose another run-name, or delete {self.path} to start that name afresh"
+                f"run directory {self.path} already holds run {self.name!r} ({progress}); to continue it pass "
+                f"resume=true{more}, or choose another run-name, or delete {self.path} to start that name afresh"
             )
         if resume and not state_file.exists():
             raise RunDirError(f"resume=true but {self.path} holds no run to resume (no {STATE_FILE}); "
@@ -80,14 +82,16 @@ class RunDir:
         self._drop_rounds_after(last)
         return last
 
-    def _progress(self) -> str:
-        """How far the run in this directory got, for a message."""
+    def _progress(self) -> tuple[str, bool]:
+        """How far the run in this directory got, for a message, and whether it finished."""
         try:
             state = json.loads((self.path / STATE_FILE).read_text())
-            last, planned = int(state["last_round"]), state["config"]["num-server-rounds"]
+            last, planned = int(state["last_round"]), int(state["config"]["num-server-rounds"])
         except (OSError, ValueError, KeyError, TypeError):
-            return "its state.json is unreadable"
-        return f"finished, {last} of {planned} rounds" if last >= planned else f"stopped after round {last} of {planned}"
+            return "its state.json is unreadable", False
+        if last >= planned:
+            return f"finished, {last} of {planned} rounds", True
+        return f"stopped after round {last} of {planned}", False
 
     def _drop_rounds_after(self, last: int) -> None:
         """Forget metrics lines and adapters of rounds after `last` that a crash left unconfirmed."""
