@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The exception types whose message is the whole story for the user; anything else is a bug and shows its
-    traceback. Imported when an error is being matched: `privet --help` does not load torch."""
+    traceback. Called only while an error is being matched, so no command imports what it does not use."""
     from client.audit import AuditError
     from client.policy import Declined, PolicyError
     from common.config import ConfigError
