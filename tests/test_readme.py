@@ -117,7 +117,7 @@ def ledger_noise(run: Path, kind: str) -> set[float]:
 
 
 def stated_noise(text: str, name: str) -> set[float]:
-    """The noise multipliers a document states for one kind of release ("DP evaluation: … multiplier(s) 5.3, 6.1.")."""
+    """The noise multipliers a document states for a kind of release ("DP evaluation: … multiplier(s) 5.3, 6.1.")."""
     found = re.search(rf"{name}: \d+ release\(s\)[^\n]*?noise multiplier\(s\) ([\d., ]+?)\.(\s|$|<)", text)
     assert found, f"no statement on {name}"
     return {float(value) for value in found.group(1).split(", ")}
