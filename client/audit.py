@@ -20,26 +20,24 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
-from flwr.common.config import parse_config_args
 
 from client import accounting
-from client.policy import Declined, PolicyError
 from client.site import SiteTerms, check_policy, round_inputs, site_label_names, site_tensors, site_terms
 from common import privacy
 from common import task as tasks
 from common.audit_bound import epsilon_lower_bound, max_epsilon_lower_bound
-from common.config import ConfigError, RunConfig
-from common.data import DataError
+from common.config import RunConfig, parse_overrides
 from common.files import write_json_atomic
 from common.ledger import Ledger
-from common.model import ModelError, build_model, pick_device
+from common.model import build_model, pick_device
 from common.train import TensorData, features, train_round
 
 AUDIT_FORMAT = "privet-audit/1"
 AUDIT_FILE = "audit.json"
+# The default audit size (README: the ceiling table); a smaller site gets all its records but a batch as canaries.
+DEFAULT_CANARIES, DEFAULT_GUESSES = 1000, 100
 # Not a valid run-name, so no real run in a copied ledger can lend the audit its calibration or its count.
 AUDIT_RUN = "~audit"
 VIOLATION = "VIOLATION"
@@ -147,8 +145,8 @@ def audit_site(
     terms: SiteTerms,
     partition: tuple[int, int] | None,
     *,
-    canaries: int = 1000,
-    guesses: int = 100,
+    canaries: int | None = None,
+    guesses: int | None = None,
     confidence: float = 0.95,
     device: torch.device | str | None = None,
 ) -> AuditResult:
@@ -157,8 +155,8 @@ def audit_site(
     The model is built afresh and the ledger is a copy in a temporary folder: the site's own model and ledger are
     never written. Rounds follow one another as if the site were the only one (each round's global adapter is the
     site's own), with the DP settings ``release_for_round`` decides from the run config, the policy and the ledger.
+    `canaries` and `guesses` default to what fits the site (default_sizes).
     """
-    check_sizes(canaries, guesses, confidence)
     started = time.monotonic()
     device = device or pick_device()
     task = tasks.get(config)
@@ -168,11 +166,16 @@ def audit_site(
     names = site_label_names(config, terms.policy)
     site_train, _ = site_tensors(terms, config, names, partition)
     keep = min(config.batch_size, config.head_batch_size)
+    if len(site_train) < keep + 2:
+        raise AuditError(f"the site has {len(site_train)} training records; an audit takes at least 2 canaries from "
+                         f"them and keeps at least {keep} (a batch), so it needs at least {keep + 2}")
+    canaries, guesses = default_sizes(len(site_train), keep, canaries, guesses)
     if len(site_train) - canaries < keep:
         raise AuditError(
             f"canaries={canaries} are taken from the site's {len(site_train)} training records and at least "
             f"{keep} (a batch) must stay; use at most {len(site_train) - keep} canaries"
         )
+    check_sizes(canaries, guesses, confidence)
     # Which records become canaries, their wrong labels and the coin flips come from the OS entropy, never from the
     # run's public seed: guesses about flips anyone could predict would prove nothing.
     rest, canary_data = split_canaries(site_train, canaries, len(names), np.random.default_rng(secrets.randbits(128)))
@@ -242,6 +245,16 @@ def audit_site(
     )
 
 
+def default_sizes(records: int, keep: int, canaries: int | None, guesses: int | None) -> tuple[int, int]:
+    """Canaries m and guesses r where not given: at most DEFAULT_CANARIES, leaving a batch (`keep`) of the site's
+    records to train on; at most DEFAULT_GUESSES, and no more than m. Fixed from sizes alone, before any training."""
+    if canaries is None:
+        canaries = max(0, min(DEFAULT_CANARIES, records - keep))
+    if guesses is None:
+        guesses = min(DEFAULT_GUESSES, canaries - canaries % 2)
+    return canaries, guesses
+
+
 def _simulated_source(config: RunConfig, partition: tuple[int, int]) -> str:
     site, sites = partition
     return (f"dataset={config.dataset!r}, simulated site {site} of {sites} "
@@ -266,11 +279,7 @@ def load_config(run_dir: Path | None, overrides: str) -> RunConfig:
         if not state.is_file():
             raise AuditError(f"{run_dir} is not a Privet run directory (no state.json)")
         base = json.loads(state.read_text(encoding="utf-8"))["config"]
-    try:
-        parsed = parse_config_args([overrides]) if overrides.strip() else {}
-    except click.ClickException as err:
-        raise AuditError(f"--run-config: {err.format_message()}") from None
-    return RunConfig.from_mapping({**base, **parsed})
+    return RunConfig.from_mapping({**base, **parse_overrides(overrides)})
 
 
 def write_audit(result: AuditResult, out_dir: str | Path) -> Path:
@@ -306,34 +315,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="take the run config from this run directory's state.json and write audit.json there")
     parser.add_argument("--run-config", default="",
                         help="overrides in Flower's format, e.g. \"dp=false num-server-rounds=5\"")
-    parser.add_argument("--canaries", type=int, default=1000,
-                        help="canaries m, taken from the site's training records (default 1000)")
-    parser.add_argument("--guesses", type=int, default=100,
-                        help="guesses r, half in and half out, fixed before the audit (default 100)")
+    parser.add_argument("--canaries", type=int, default=None,
+                        help=f"canaries m, taken from the site's training records (default {DEFAULT_CANARIES}, or "
+                        "fewer where the site has fewer records: all but a batch)")
+    parser.add_argument("--guesses", type=int, default=None,
+                        help=f"guesses r, half in and half out, fixed before the audit (default {DEFAULT_GUESSES}, "
+                        "at most m)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the ε bound (default 0.95)")
     parser.add_argument("--out", type=Path,
                         help="directory for audit.json (default: --run-dir, else the current directory)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Audit, print the result and write audit.json; 0: no violation, 1: VIOLATION, 2: the audit could not run."""
-    try:
-        config = load_config(args.run_dir, args.run_config)
-        check_sizes(args.canaries, args.guesses, args.confidence)
-        with tempfile.TemporaryDirectory(prefix="privet-audit-") as scratch:
-            terms, partition = audited_terms(config, args.policy, args.site, args.sites, Path(scratch))
-            result = audit_site(config, terms, partition, canaries=args.canaries, guesses=args.guesses,
-                                confidence=args.confidence)
-        path = write_audit(result, args.out or args.run_dir or Path.cwd())
-    except (AuditError, ConfigError, PolicyError, DataError, ModelError, Declined, privacy.PrivacyError) as err:
-        print(f"privet audit: {err}", file=sys.stderr)
-        return 2
+    """Audit, print the result and write audit.json (refreshing the run's report when it lands in a run directory);
+    0: no violation, 1: VIOLATION. A run that cannot be audited raises its user error (`privet audit` exits with 2)."""
+    config = load_config(args.run_dir, args.run_config)
+    # Sizes wrong whatever the site holds fail before its data loads; those that depend on it are checked there.
+    check_sizes(DEFAULT_CANARIES if args.canaries is None else args.canaries,
+                2 if args.guesses is None else args.guesses, args.confidence)
+    with tempfile.TemporaryDirectory(prefix="privet-audit-") as scratch:
+        terms, partition = audited_terms(config, args.policy, args.site, args.sites, Path(scratch))
+        result = audit_site(config, terms, partition, canaries=args.canaries, guesses=args.guesses,
+                            confidence=args.confidence)
+    out = Path(args.out or args.run_dir or Path.cwd())
+    path = write_audit(result, out)
     print(format_result(result))
     print(f"wrote {path}")
+    if (out / "state.json").is_file():  # a run directory: its report shows the audit from now on
+        from server.run_report import write_report
+
+        print("refreshed {} and {}".format(*write_report(out)))
     return 1 if result.verdict == VIOLATION else 0
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m client.audit", description=__doc__)
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
+    from server.cli import main
+
+    sys.exit(main(["audit", *sys.argv[1:]]))

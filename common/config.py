@@ -192,6 +192,36 @@ class RunConfig:
             )
 
 
+# Flower's own split of a --run-config string into key=value pairs (flwr.common.config.parse_config_args).
+_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def parse_overrides(text: str, option: str = "--run-config") -> dict[str, Any]:
+    """Flower's --run-config format (``key=value`` pairs, strings in quotes) as a dict, with a bad pair named.
+
+    Flower's parser only says that the whole string is malformed; this one says which key and what it expects.
+    """
+    import tomllib
+
+    overrides: dict[str, Any] = {}
+    fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(RunConfig)}
+    leftover = _PAIR.sub(" ", text).split()
+    if leftover:
+        raise ConfigError(f"{option}: cannot read {leftover[0]!r}; write key=value pairs separated by spaces, "
+                          "strings in quotes, e.g. \"num-server-rounds=5 run-name='trial'\"")
+    for key, raw in _PAIR.findall(text):
+        try:
+            overrides.update(tomllib.loads(f"{key} = {raw}"))
+        except tomllib.TOMLDecodeError:
+            kind = fields[key].type if key in fields else None
+            kind = kind if isinstance(kind, str) or kind is None else kind.__name__
+            expected = {"str": f"a string in quotes, e.g. {key}='{raw}'", "bool": "true or false",
+                        "int": "a whole number", "float": "a number"}.get(kind, "a quoted string, a number, or "
+                                                                           "true/false")
+            raise ConfigError(f"{option}: cannot read {key}={raw}: {key} must be {expected}") from None
+    return overrides
+
+
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {', '.join(allowed)}")

@@ -14,12 +14,13 @@ from pathlib import Path
 from common.config import BUNDLED_DATASETS
 from common.files import write_json_atomic
 from common.inference import INFO_FILE, SEQUENCE, InferenceError, PrivetModel, load
+from common.release_facts import phase_text, phases, release_sentences, releases, trained_rounds
 from common.task import TASKS
 
 CARD_FACTS = "model-card.json"  # the facts an export's README.md states, for scripts
-# The run-config keys a model card shows.
-CARD_CONFIG = ("num-server-rounds", "aggregation", "dp", "target-epsilon", "delta", "accountant", "batch-size",
-               "learning-rate", "local-epochs", "max-grad-norm", "lora-r", "lora-alpha", "max-length", "seed")
+# The run-config keys a model card shows beside the settings of the phases that trained (common.release_facts).
+CARD_CONFIG = ("num-server-rounds", "lora-rounds", "aggregation", "dp", "target-epsilon", "delta",
+               "eval-noise-multiplier", "accountant", "max-grad-norm", "max-length", "seed")
 
 
 # The sequence head as a transformers model, shipped as modeling_privet.py in an export. Only torch and
@@ -148,6 +149,7 @@ def run_facts(loaded: PrivetModel) -> dict:
     if (run / "metrics.jsonl").is_file():
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     sites: dict[str, dict] = {}
+    ledgers = {}
     for row in rows:
         for reported in row.get("sites", []):
             site = sites.setdefault(reported["site"], {
@@ -159,13 +161,15 @@ def run_facts(loaded: PrivetModel) -> dict:
     for path in sorted(run.glob("sites/*/ledger.json")):  # simulated sites keep their ledgers in the run directory
         ledger = _read_json(path)
         if ledger:
+            ledgers[path.parent.name] = ledger
             site = sites.setdefault(path.parent.name, {"site": path.parent.name, "examples": 0})
             # A ledger's null ε means a round ran without DP: no guarantee.
             site.update(epsilon=ledger["epsilon"] if ledger.get("epsilon") is not None else math.inf,
                         delta=ledger.get("delta"), accountant=ledger.get("accountant"), source="ledger")
     dataset = str(config.get("dataset", ""))
+    name = config.get("run-name") or run.name
     return {
-        "run": config.get("run-name") or run.name,
+        "run": name,
         "task": loaded.task,
         "labels": list(loaded.labels),
         "max_length": loaded.max_length,
@@ -178,6 +182,9 @@ def run_facts(loaded: PrivetModel) -> dict:
         "sites": [{**sites[name], "epsilon": _json_number(sites[name]["epsilon"])} for name in sorted(sites)],
         "evaluation": _read_json(run / "final_evaluation.json") if loaded.adapter_dir.name == "final" else None,
         "config": {key: config[key] for key in CARD_CONFIG if key in config},
+        # What trained and what the sites' ledgers beside the run record (None: no ledgers there).
+        "phases": phases(config, trained_rounds(rows)),
+        "releases": releases(ledgers, name) if ledgers else None,
     }
 
 
@@ -191,9 +198,11 @@ def model_card(facts: dict, name: str) -> str:
         f"pipeline_tag: {'text-classification' if sequence else 'token-classification'}",
         "tags: [privet, federated-learning, differential-privacy, lora]", "---", "",
         f"# {name}", "",
-        f"A {facts['task']} model fine-tuned with Privet: {len(sites) or 'several'} sites each trained a LoRA "
-        "adapter on their own data with DP-SGD and a Flower server averaged the adapters. The adapter is merged "
-        "into the base encoder here.",
+        f"A {facts['task']} model fine-tuned with Privet: {len(sites) or 'several'} sites trained on their own "
+        "data with DP-SGD and a Flower server averaged their updates. "
+        + ("Phases that trained: " + "; ".join(phase_text(phase) for phase in facts["phases"]) + "."
+           if facts["phases"] else "No round's training was recorded beside the adapter (no metrics.jsonl).")
+        + " The adapter is merged into the base encoder here.",
         "", "## Load it", "",
         "It needs torch and transformers (tested with transformers 5.23.0), not Privet:", "",
         "```python", "import torch", f"from transformers import AutoTokenizer, {auto}", "",
@@ -218,7 +227,10 @@ def model_card(facts: dict, name: str) -> str:
             "tags, seen = [], set()",
             "for position, word in enumerate(batch.word_ids()):",
             "    if word is not None and word not in seen:  # a word's tag is its first sub-word's",
-            "        seen.add(word)", "        tags.append(model.config.id2label[int(ids[position])])", "```", "",
+            "        seen.add(word)", "        tags.append(model.config.id2label[int(ids[position])])",
+            "# Valid IOB2, as Privet tags: an I-X that would start an entity becomes B-X.",
+            "tags = [f\"B-{t[2:]}\" if t.startswith(\"I-\") and (i == 0 or tags[i - 1][2:] != t[2:]) else t",
+            "        for i, t in enumerate(tags)]", "```", "",
             "A standard token-classification model (the LoRA-merged encoder and a linear tag head): one IOB2 tag per "
             "word, read at the word's first sub-word. Privet tags a sentence longer than the limit in consecutive "
             "windows.",
@@ -238,16 +250,22 @@ def model_card(facts: dict, name: str) -> str:
     else:
         lines.append("No per-site privacy figures were found beside the adapter (no metrics.jsonl or ledgers): ask "
                      "each site for its statement (`privet ledger`).")
+    if facts["releases"] is not None:
+        lines += ["", f"What the sites' ledgers beside the run record for run `{facts['run']}` (each is inside ε):",
+                  "", *(f"- {line}" for line in release_sentences(facts["releases"]))]
+    else:
+        lines += ["", "The sites' ledgers are not beside the run: each site's own statement (`privet ledger`) says "
+                      "what it released (training, DP evaluations, a DP example count)."]
     lines += [
-        "", "Not covered: a person with several records is protected per record, not per person; the sites' "
-        "aggregate validation scores were released without DP; the noise comes from PyTorch generators seeded from "
-        "the operating system's entropy, not from a cryptographic generator.",
+        "", "Not covered: a person with several records is protected per record, not per person; the noise comes "
+        "from PyTorch generators seeded from the operating system's entropy, not from a cryptographic generator.",
         "", "## Data", "", _data_text(facts), "", "## Evaluation", "", *_evaluation_lines(facts), "",
         "## Provenance", "",
         f"Base model `{facts['base_model']}`, weights SHA-256 `{facts['model_sha256'] or 'not recorded'}`. "
         f"Privet run `{facts['run']}`"
         + (": " + ", ".join(f"{key}={value}" for key, value in facts["config"].items()) if facts["config"] else "")
-        + ".", "",
+        + "." + "".join(f" {phase_text(phase)[0].upper()}{phase_text(phase)[1:]}." for phase in facts["phases"]),
+        "",
         f"`privet.json` holds the task, label set, base model and max length; `{CARD_FACTS}` the facts above.",
     ]
     return "\n".join(lines) + "\n"

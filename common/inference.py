@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from common.model import ModelError, load_adapter, load_tokenizer, pick_device, resolve_model, weights_sha256
 from common.task import IGNORE, TASKS
+from common.token_data import valid_iob2
 
 INFO_FILE = "privet.json"
 INFO_KEYS = ("task", "labels", "model", "max_length", "seed", "head")
@@ -39,7 +40,8 @@ class InferenceError(ValueError):
 
 @dataclass(frozen=True)
 class Predictions:
-    """`labels`: one label per text, or one tag list per sentence (token classification).
+    """`labels`: one label per text, or one tag list per sentence (token classification), valid IOB2 (an I-X that
+    would start an entity is given as B-X).
 
     `probabilities`: an (N, classes) array per text, or per sentence a (words, classes) array; columns follow
     ``label_names``. A word the tokenizer turns into no sub-word at all is tagged "O" with NaN probabilities.
@@ -159,7 +161,7 @@ class PrivetModel:
                         scores[s][a + word] = probabilities[row, position]
             bar.update(sum(b == len(sentences[s]) for s, _, b in chunk))  # a sentence is done with its last window
         bar.update(bar.total - bar.n)
-        tags = [[self.labels[int(np.argmax(word))] if not np.isnan(word).any() else "O" for word in rows]
+        tags = [valid_iob2([self.labels[int(np.argmax(word))] if not np.isnan(word).any() else "O" for word in rows])
                 for rows in scores]
         return Predictions(tags, scores, self.labels)
 
@@ -267,6 +269,9 @@ def _base_model(info: dict, override: str | None) -> str:
         path = resolve_model(name)
     except ModelError as err:
         raise InferenceError(str(err)) from None
+    if override is not None and not Path(path).is_dir():
+        raise InferenceError(f"--model (model=) {name!r} is not a directory on this machine: give a local copy of "
+                             "the run's base model")
     if not Path(path).is_dir():
         raise InferenceError(
             f"the base model {name!r} is not a directory on this machine; pass --model (model=) with a local copy "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +17,8 @@ from transformers import AutoModel, AutoTokenizer
 DEFAULT_MODEL = "default"
 LORA_TARGETS = ["query", "value"]
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+# What the Hugging Face hub accepts as a model name: 'name' or 'namespace/name'.
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class ModelError(ValueError):
@@ -32,6 +36,29 @@ def resolve_model(model: str) -> str:
             "(or `make install`), or pass model=<local model directory>"
         )
     return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+def check_model(model: str, *, option: str = "model") -> str:
+    """The local directory `model` names (or a hub name while the hub may be used); fails in one line otherwise.
+
+    Run before anything is written or started, so a mistyped path is not met minutes later as a hub error.
+    """
+    path = resolve_model(model)
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise ModelError(f"{option} {model!r} is a directory but holds no config.json: give a transformers "
+                             "model directory (config.json, weights, tokenizer)")
+        return path
+    if HUB_NAME.fullmatch(model) and not _hub_offline():
+        return model
+    offline = " (and HF_HUB_OFFLINE=1 keeps hub names from being fetched)" if HUB_NAME.fullmatch(model) else ""
+    fix = "give a local model directory, or 'default' for the packaged model" if option == "model" else \
+        "give a local copy of the run's base model"
+    raise ModelError(f"{option} {model!r} is not a directory on this machine{offline}: {fix}")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def weights_sha256(model: str) -> str:

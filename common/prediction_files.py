@@ -73,6 +73,7 @@ def read_table(path: Path, text_column: str) -> Table:
         records = [record for record in csv.reader(io.StringIO(text, newline=""), delimiter=sep) if record]
         columns = [name.strip() for name in records[0]]
         rows, unit = [dict(zip(columns, record)) for record in records[1:]], "line"
+        _type_columns(rows, [name for name in columns if name != text_column])
     else:
         rows, numbers, columns = _read_objects(where, decode_utf8(where, path.read_bytes()))
         _require_column(where, columns, text_column)
@@ -83,6 +84,28 @@ def read_table(path: Path, text_column: str) -> Table:
     _reject_rows(where, unit, [n for n, t in zip(numbers, texts) if not t],
                  f"the text column {text_column!r} is empty", "fill in the text or delete the row")
     return Table(columns, rows, texts, arrow)
+
+
+def _type_columns(rows: list[dict], columns: list[str]) -> None:
+    """Give a CSV column whose every value is a number written plainly (`42`, `-3`, `0.5`; not `007` or `1e3`) that
+    number's type, so a JSON-lines or Parquet output keeps an id an integer; a CSV output writes it back unchanged."""
+    for column in columns:
+        values = [row.get(column, "") for row in rows]
+        for kind in (int, float):
+            if all(value == "" or _plain(value, kind) for value in values) and any(values):
+                for row in rows:
+                    if column in row:
+                        row[column] = kind(row[column]) if row[column] != "" else None
+                break
+
+
+def _plain(value: str, kind: type) -> bool:
+    """Whether `value` is exactly how Python writes that `kind` of number (so it round-trips through a CSV)."""
+    try:
+        number = kind(value)
+    except ValueError:
+        return False
+    return str(number) == value and math.isfinite(number)
 
 
 def _read_objects(where: str, text: str) -> tuple[list[dict], list[int], list[str]]:
@@ -238,8 +261,11 @@ def write_tags(path: Path, sentences: list[list[str]], records: list[dict], resu
     """CoNLL (word<TAB>predicted tag, a blank line between sentences) or JSON lines (the input objects plus tags)."""
     if path.suffix.lower() in JSON_SUFFIXES:
         def write(handle):
+            index = {name: i for i, name in enumerate(result.label_names)}
             for record, tags, scores in zip(records, result.labels, result.probabilities):
-                chosen = [None if math.isnan(row.max()) else round(float(row.max()), 6) for row in scores]
+                # The emitted tag's probability: after the IOB2 repair it need not be the row's largest.
+                chosen = [None if math.isnan(row.max()) else round(float(row[index[tag]]), 6)
+                          for tag, row in zip(tags, scores)]
                 handle.write(json.dumps({**record, PREDICTED_TAGS: tags, TAG_PROBABILITY: chosen},
                                         ensure_ascii=False, default=str) + "\n")
     else:

@@ -203,7 +203,7 @@ def _tag_sequences(labels: torch.Tensor, predictions: torch.Tensor, label_names:
     for row_labels, row_predictions in zip(labels.tolist(), predictions.tolist()):
         kept = [(t, p) for t, p in zip(row_labels, row_predictions) if t != IGNORE]
         true.append([label_names[t] for t, _ in kept])
-        pred.append([label_names[p] for _, p in kept])
+        pred.append(token_data.valid_iob2([label_names[p] for _, p in kept]))
     return true, pred
 
 

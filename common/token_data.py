@@ -281,6 +281,18 @@ def is_iob2_tag(tag: str) -> bool:
     return tag[:2] in ("B-", "I-") and bool(kind) and kind == kind.strip("-") and not any(c.isspace() for c in kind)
 
 
+def valid_iob2(tags: Sequence[str]) -> list[str]:
+    """Predicted tags made valid IOB2: an I-X that does not continue an X entity (after B-X or I-X) starts one as
+    B-X. A model predicts each word's tag alone, so it can emit what training data may not hold; scoring and
+    `privet predict` both see the repaired tags."""
+    out = []
+    for tag in tags:
+        if tag.startswith("I-") and (not out or out[-1][2:] != tag[2:]):  # "O"[2:] is no entity type
+            tag = "B-" + tag[2:]
+        out.append(tag)
+    return out
+
+
 def label_set(*examples: TokenExamples) -> tuple[str, ...]:
     """The sorted tag set of `examples` with "O" first, holding both B- and I- of every entity type seen.
 

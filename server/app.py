@@ -20,8 +20,9 @@ from common.config import RunConfig
 from common.files import write_json_atomic
 from common.model import build_model, check_max_length, pick_device, weights_sha256
 from common.train import predict
-from server.checkpoint import RunDir, RunDirError, default_run_name
+from server.checkpoint import RunDir, default_run_name
 from server.identity import SiteIdentities, read_registry
+from server.preflight import check_run
 from server.report import print_summary, round_row
 from server.run_report import write_report
 from server.secure import SecureAggregation
@@ -36,13 +37,16 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) a federation as the run config says and leave everything in ``runs/<run-name>/``."""
     config = RunConfig.from_mapping(context.run_config)
-    if config.resume and not config.run_name:
-        raise RunDirError("resume=true needs run-name: the name of the run to continue (runs-dir lists them)")
+    check_run(config)
     run = RunDir(config.runs_dir, config.run_name or default_run_name())
     # The generated name is stored as the run's name, so `resume=true run-name=<it>` finds the same config.
-    last_round = run.start(config.resume, {**config.to_mapping(), "run-name": run.name})
-    log.info("Privet run %s in %s (starting at round %d)", run.name, run.path, last_round + 1)
+    saved = {**config.to_mapping(), "run-name": run.name}
+    # Everything is checked (directory, model, data) before the directory is written: a failed start leaves
+    # nothing behind that would block the same command once its input is fixed.
+    last_round = run.check(config.resume, saved)
     federation = Federation(config, run, grid, last_round)
+    run.start(config.resume, saved)
+    log.info("Privet run %s in %s (starting at round %d)", run.name, run.path, last_round + 1)
     for server_round in range(last_round + 1, config.num_server_rounds + 1):
         federation.round(server_round)
     federation.finish()

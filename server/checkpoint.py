@@ -42,19 +42,20 @@ class RunDir:
         self.name = run_name
         self.path = Path(runs_dir).resolve() / run_name
 
-    def start(self, resume: bool, config: dict) -> int:
-        """Prepare the directory and return the last completed round (0 for a fresh run)."""
+    def check(self, resume: bool, config: dict) -> int:
+        """Whether the run may start as asked, writing nothing; return the last completed round (0 for a fresh run)."""
         state_file = self.path / STATE_FILE
         if state_file.exists() and not resume:
+            progress, finished = self._progress()
+            more = " with a larger num-server-rounds" if finished else ""
             raise RunDirError(
-                f"run directory {self.path} already holds a run; pass resume=true to continue it, "
-                "or choose another run-name"
+                f"run directory {self.path} already holds run {self.name!r} ({progress}); to continue it pass "
+                f"resume=true{more}, or choose another run-name, or delete {self.path} to start that name afresh"
             )
         if resume and not state_file.exists():
-            raise RunDirError(f"resume=true but {self.path} holds no run to resume (no {STATE_FILE})")
-        self.path.mkdir(parents=True, exist_ok=True)
+            raise RunDirError(f"resume=true but {self.path} holds no run to resume (no {STATE_FILE}); "
+                              "leave out resume=true to start it")
         if not resume:
-            write_json_atomic(self.path / STATE_FILE, {"last_round": 0, "config": config})
             return 0
         state = json.loads(state_file.read_text())
         if state["config"].get("run-name") == "":
@@ -67,11 +68,30 @@ class RunDir:
             raise RunDirError(
                 f"resume=true but the run config differs from the one {self.name} started with in: "
                 f"{', '.join(changed)}; resume with the same values (only {', '.join(sorted(RESUMABLE_CHANGES))} "
-                "may change)"
+                f"may change), or choose another run-name, or delete {self.path}"
             )
-        last = int(state["last_round"])
+        return int(state["last_round"])
+
+    def start(self, resume: bool, config: dict) -> int:
+        """Prepare the directory and return the last completed round (0 for a fresh run)."""
+        last = self.check(resume, config)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json_atomic(self.path / STATE_FILE, {"last_round": 0, "config": config})
+            return 0
         self._drop_rounds_after(last)
         return last
+
+    def _progress(self) -> tuple[str, bool]:
+        """How far the run in this directory got, for a message, and whether it finished."""
+        try:
+            state = json.loads((self.path / STATE_FILE).read_text())
+            last, planned = int(state["last_round"]), int(state["config"]["num-server-rounds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its state.json is unreadable", False
+        if last >= planned:
+            return f"finished, {last} of {planned} rounds", True
+        return f"stopped after round {last} of {planned}", False
 
     def _drop_rounds_after(self, last: int) -> None:
         """Forget metrics lines and adapters of rounds after `last` that a crash left unconfirmed."""

@@ -12,6 +12,30 @@ class CommandError(Exception):
     """An error the user can fix; `main` prints its message (no traceback) and exits with status 1."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is a user error like any other: one line, exit status 1."""
+
+    def error(self, message):
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exception types whose message is the whole story for the user; anything else is a bug and shows its
+    traceback. Called only while an error is being matched, so no command imports what it does not use."""
+    from client.audit import AuditError
+    from client.policy import Declined, PolicyError
+    from common.config import ConfigError
+    from common.data import DataError
+    from common.inference import InferenceError
+    from common.model import ModelError
+    from common.privacy import PrivacyError
+    from server.checkpoint import RunDirError
+    from server.simulate import SimulateError
+
+    return (CommandError, FileExistsError, AuditError, ConfigError, DataError, Declined, InferenceError, ModelError,
+            PolicyError, PrivacyError, RunDirError, SimulateError)
+
+
 def _add_certs(subparsers) -> None:
     parser = subparsers.add_parser(
         "certs",
@@ -38,7 +62,7 @@ def _run_certs(args) -> None:
     sans = list(dict.fromkeys([*sans, *pki.LOOPBACK_SANS]))
     try:
         paths = pki.write_certificates(args.out, sans, force=args.force, server_days=args.days)
-    except ValueError as err:
+    except ValueError as err:  # pki's refusals are plain ValueErrors
         raise CommandError(str(err)) from None
     out = args.out
     print(f"Wrote to {out}/:")
@@ -101,8 +125,7 @@ def _add_simulate(subparsers) -> None:
 def _run_simulate(args) -> None:
     from server import simulate
 
-    if simulate.run_from_args(args) != 0:
-        raise SystemExit(2)
+    simulate.run_from_args(args)
 
 
 def _add_model_hash(subparsers) -> None:
@@ -116,12 +139,9 @@ def _add_model_hash(subparsers) -> None:
 
 
 def _run_model_hash(args) -> None:
-    from common.model import ModelError, weights_sha256
+    from common.model import weights_sha256
 
-    try:
-        print(weights_sha256(args.model))
-    except ModelError as err:
-        raise CommandError(str(err)) from None
+    print(weights_sha256(args.model))
 
 
 def _add_report(subparsers) -> None:
@@ -182,16 +202,12 @@ def _add_site_node(subparsers) -> None:
 
 def _run_site_node(args) -> None:
     from client.pinning import run_site_node
-    from client.policy import PolicyError
 
     for path in (args.policy, args.root_certificates, args.auth_supernode_private_key):
         if not path.is_file():
             raise CommandError(f"{path} does not exist")
-    try:
-        code = run_site_node(args.policy, args.superlink, args.root_certificates, args.auth_supernode_private_key,
-                             args.runtime_port)
-    except PolicyError as err:
-        raise CommandError(str(err)) from None
+    code = run_site_node(args.policy, args.superlink, args.root_certificates, args.auth_supernode_private_key,
+                         args.runtime_port)
     if code:
         raise SystemExit(code)
 
@@ -206,7 +222,8 @@ def _add_audit(subparsers) -> None:
     from client import audit
 
     audit.add_arguments(parser)
-    parser.set_defaults(handler=_run_audit)
+    # Exit status 1 is the audit's VIOLATION verdict, so an audit that cannot run ends with 2 (documented).
+    parser.set_defaults(handler=_run_audit, error_status=2)
 
 
 def _run_audit(args) -> None:
@@ -219,7 +236,7 @@ def _run_audit(args) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The `privet` command line's parser, with every subcommand."""
-    root = argparse.ArgumentParser(
+    root = _Parser(
         prog="privet", description="Privacy-preserving federated LoRA fine-tuning with DP-SGD on Flower."
     )
     subparsers = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -240,9 +257,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         args.handler(args)
-    except (CommandError, FileExistsError) as err:
-        print(f"privet {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except user_errors() as err:  # evaluated only when something was raised; a bug keeps its traceback
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"privet {args.command}: error: {message}", file=sys.stderr)
+        return getattr(args, "error_status", 1)
     return 0
 
 

@@ -1,8 +1,9 @@
 """`privet predict`, `evaluate`, `ledger` and `export`: their parsers and handlers (the work is in common.inference,
 common.prediction_files, common.export and server.ledger_statement).
 
-Errors a user can fix end as one line and exit status 1 (``server.cli.CommandError``). Messages point at files,
-columns and row numbers, never at a text or a label from the data.
+Errors a user can fix raise one of the project's user-error types, which `privet` prints in one line with exit
+status 1 (server.cli.user_errors). Messages point at files, columns and row numbers, never at a text or a label
+from the data.
 """
 
 from __future__ import annotations
@@ -101,24 +102,6 @@ def _add_export(subparsers) -> None:
     parser.set_defaults(handler=_run_export)
 
 
-def _command_errors():
-    """The exception types whose message is the whole story for the user."""
-    from client.policy import PolicyError
-    from common.data import DataError
-    from common.inference import InferenceError
-    from common.model import ModelError
-    from common.privacy import PrivacyError
-
-    return DataError, InferenceError, ModelError, PolicyError, PrivacyError
-
-
-def _command_error(err: Exception):
-    """`err` as the CommandError `privet` prints in one line (server.cli imports this module, so import late)."""
-    from server.cli import CommandError
-
-    return CommandError(str(err))
-
-
 def _load(args):
     """The run's model, with transformers' own progress bars off (they would print on every load)."""
     from transformers.utils import logging as transformers_logging
@@ -134,13 +117,6 @@ def _load(args):
 # ---- predict -------------------------------------------------------------------------------------------------
 
 def _run_predict(args) -> None:
-    try:
-        _predict(args)
-    except _command_errors() as err:
-        raise _command_error(err) from None
-
-
-def _predict(args) -> None:
     from common import inference
     from common.data import DataError
 
@@ -189,13 +165,6 @@ def _check_suffix(path: Path, allowed: tuple[str, ...], what: str) -> None:
 # ---- evaluate ------------------------------------------------------------------------------------------------
 
 def _run_evaluate(args) -> None:
-    try:
-        _evaluate(args)
-    except _command_errors() as err:
-        raise _command_error(err) from None
-
-
-def _evaluate(args) -> None:
     from common import inference
     from common.data import DataError, read_examples
     from common.token_data import read_token_examples
@@ -300,10 +269,7 @@ def confusion_png(matrix: dict) -> bytes:
 def _run_ledger(args) -> None:
     from server.ledger_statement import format_statement, ledger_statement
 
-    try:
-        statement = ledger_statement(args.path, args.policy)
-    except _command_errors() as err:
-        raise _command_error(err) from None
+    statement = ledger_statement(args.path, args.policy)
     print(json.dumps(statement, indent=2) if args.json else format_statement(statement))
 
 
@@ -315,10 +281,7 @@ def _run_export(args) -> None:
     from common import export
 
     transformers_logging.disable_progress_bar()
-    try:
-        out = export.export(args.adapter, args.out, model=args.model, force=args.force)
-    except _command_errors() as err:
-        raise _command_error(err) from None
+    out = export.export(args.adapter, args.out, model=args.model, force=args.force)
     facts = json.loads((out / export.CARD_FACTS).read_text())
     auto = ("AutoModelForSequenceClassification", ", trust_remote_code=True") if facts["task"] == \
         "sequence-classification" else ("AutoModelForTokenClassification", "")

@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from common.metrics import fairness
 from common.privacy import NOISE_RNG_NOTE
+from common.release_facts import phase_text, phases, release_sentences, releases, trained_rounds
 from common.task import TASKS
 from server.checkpoint import read_rows
 
@@ -65,7 +66,7 @@ def _load(run: Path) -> dict:
     ledgers = {p.parent.name: _json(p) for p in sorted(run.glob("sites/*/ledger.json"))}
     return {"name": config.get("run-name") or run.name, "config": config, "rows": rows, "info": info,
             "final": _json(run / "final_evaluation.json"), "ledgers": {k: v for k, v in ledgers.items() if v},
-            "audit": _json(run / "audit.json")}
+            "audit": _json(run / "audit.json"), "path": run}
 
 
 def _json(path: Path):
@@ -91,8 +92,8 @@ def _sections(run: dict) -> tuple[str, list[tuple[str, list[tuple]]]]:
         ("What each ε bought", _utility(rows, task)),
         ("Report of the final adapter", _classification(run["final"], task)),
         ("Declined, rejected and failed sites", _incidents(rows)),
-        ("Transparency for the privacy officer", _transparency(config, eps, _central(last))),
-        ("Empirical privacy audit", _audit(run["audit"])),
+        ("Transparency for the privacy officer", _transparency(run, eps, _central(last))),
+        ("Empirical privacy audit", _audit(run["audit"], run["path"])),
         ("Configuration", _configuration(config, run["info"])),
     ]
     empty = lambda block: block[0] == "table" and not block[2]  # noqa: E731
@@ -105,8 +106,15 @@ def _overview(run: dict, sites: list[str], last: dict | None, eps: dict[str, dic
     if last is None:
         return [("p", f"No round has completed yet ({planned} planned).")]
     scores = ", ".join(f"{LABELS[key]} {_num(last.get(key))}" for key in task.score_keys)
-    text = (f"{task.name}: {len(run['rows'])} of {planned} planned rounds completed with {len(sites)} site(s), "
-            f"aggregation {config.get('aggregation', '?')}. After round {last['round']}: {scores} "
+    trained = trained_rounds(run["rows"])
+    took_part = sorted({s["site"] for row in run["rows"] for s in row["sites"] if s["status"] == "trained"})
+    # A round in which no site trained changed nothing: it is not counted as a completed training round.
+    progress = (f"{len(trained)} of {planned} planned rounds trained (at least one site's update accepted), "
+                f"{len(run['rows'])} ran" if trained else
+                f"NO SITE TRAINED in any of the {len(run['rows'])} round(s) that ran ({planned} planned): the model "
+                "is its untrained start")
+    text = (f"{task.name}: {progress}; {len(took_part)} of {len(sites)} site(s) trained, aggregation "
+            f"{config.get('aggregation', '?')}. After round {last['round']}: {scores} "
             f"({SOURCES.get(last['global_source'], last['global_source'])}).")
     spent = [e["epsilon"] for e in eps.values() if e["epsilon"] is not None]
     if not config.get("dp", True):
@@ -288,21 +296,24 @@ def _central(last: dict | None) -> str | None:
             "release(s), which covers each site's whole contribution to the released model.")
 
 
-def _transparency(config: dict, eps: dict[str, dict], central: str | None) -> list[tuple]:
+def _transparency(run: dict, eps: dict[str, dict], central: str | None) -> list[tuple]:
+    config = run["config"]
     if config.get("aggregation") == "ffa-lora":
         tensors = "the LoRA B matrices (LoRA A is frozen at a seed shared by all sites and never sent)"
     else:
         tensors = "the LoRA A and B matrices"
-    noise = config.get("eval-noise-multiplier", "?")
-    left = [f"The adapter's trainable tensors: {tensors} and the task head, after DP-SGD. No base-model weights. "
-            "Inside ε.",
-            "Each round it trained: its example count (the number its policy declares public, or a count with "
-            "Gaussian noise of multiplier 20 released once per run and charged to its ledger), the number of "
-            "DP-SGD steps (derived from that count) and ε spent so far (derived from the ledger). Inside ε or "
-            "declared public.",
-            f"Each round it evaluated (at most once; a policy may switch evaluation off): validation scores "
-            f"and the validation count, computed from per-example counts summed with Gaussian noise (noise "
-            f"multiplier {noise}) and charged to its ledger. Inside ε.",
+    ran = phases(config, trained_rounds(run["rows"]))
+    trained = {phase["phase"] for phase in ran}
+    changed = "; only the head changed: head-only rounds leave LoRA at its shared start" if trained == {"head-only"} \
+        else ""
+    left = [f"The adapter's trainable tensors: {tensors} and the task head, after DP-SGD{changed}. No base-model "
+            "weights. Inside ε.",
+            "Each round it trained: its example count (the number its policy declares public, or the DP example "
+            "count below, released once per run and charged to its ledger), the number of DP-SGD steps (derived "
+            "from that count) and ε spent so far (derived from the ledger). Inside ε or declared public.",
+            "Each round it evaluated (at most once; a policy may switch evaluation off): validation scores and the "
+            "validation count, computed from per-example counts summed with Gaussian noise (the DP evaluations "
+            "below) and charged to its ledger. Inside ε.",
             "Whether it took part, and the reason when it declined (a policy, its budget, or 'cannot use its data'). "
             "Public.",
             "Never text, labels, per-example values or the training loss."]
@@ -331,17 +342,28 @@ def _transparency(config: dict, eps: dict[str, dict], central: str | None) -> li
                "Simulated sites (privet simulate) keep their ledgers in the run directory: a new run starts them "
                "at ε=0. Real sites keep one ledger across all runs.",
                NOISE_RNG_NOTE]
-    return [("p", "What left each site, and nothing else:"), ("list", left),
+    what_ran = [phase_text(phase) for phase in ran] or ["no site trained in any round"]
+    if run["ledgers"]:
+        recorded = [("p", f"What the sites' ledgers in this directory record for run {run['name']}:"),
+                    ("list", release_sentences(releases(run["ledgers"], run["name"])))]
+    else:
+        asked = config.get("eval-noise-multiplier", "?")
+        recorded = [("p", "The sites' ledgers are not in this directory: each site's own statement (`privet ledger`) "
+                          f"says what it released. The run asked for eval-noise-multiplier={asked} (0: each site "
+                          "picks its own).")]
+    return [("p", "What ran:"), ("list", what_ran),
+            ("p", "What left each site, and nothing else:"), ("list", left), *recorded,
             ("p", "The guarantee each site has:"), ("p", guarantee), *([("p", central)] if central else []),
             ("table", ["site", "guarantee", "accountant", "δ", "ε reached"], table),
             ("p", "What the guarantee does NOT cover:"), ("list", caveats)]
 
 
-def _audit(audit: dict | None) -> list[tuple]:
+def _audit(audit: dict | None, run_path: Path) -> list[tuple]:
     """What `privet audit` found for a site of this run (audit.json), if one ran."""
     if not audit:
-        return [("p", "No audit in this run directory. `privet audit --run-dir <this directory>` trains one site's "
-                      "exact path once with secret canaries and checks that the ε it claims is not contradicted.")]
+        return [("p", f"No audit in this run directory. `privet audit --run-dir {run_path} --site 0` trains one "
+                      "site's exact path once with secret canaries and checks that the ε it claims is not "
+                      "contradicted.")]
     claimed = audit.get("claimed_epsilon")
     return [
         ("p", f"Verdict: {str(audit.get('verdict', '?')).upper()}. {audit.get('explanation', '')}"),
@@ -432,8 +454,16 @@ def _td(cell) -> str:
 
 
 def _md(text) -> str:
-    """Text safe in a Markdown paragraph or table cell: no raw HTML, no column breaks, one line."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
+    """Text safe in a Markdown paragraph or table cell: no raw HTML, no column breaks, one line. Outside `code`
+    spans a backslash escapes "<" (shown as "<", never read as a tag); inside them Markdown shows it as written."""
+    parts = str(text).replace("\n", " ").split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick opens no code span
+        return "\\`".join(_md_plain(part) for part in parts)
+    return "`".join(part.replace("|", "\\|") if i % 2 else _md_plain(part) for i, part in enumerate(parts))
+
+
+def _md_plain(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "\\<")
 
 
 def _markdown(title: str, sections: list) -> str:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 from common.offline import FLOWER_OFF  # before flwr: no telemetry, update check or code install
 
-import click
 from flwr.app import Context, RecordDict
-from flwr.common.config import get_fused_config_from_dir, get_project_config, parse_config_args
+from flwr.common.config import get_fused_config_from_dir, get_project_config
 from flwr.common.constant import SUPERLINK_NODE_ID
 # The private entry point: flwr's public run_simulation() has no run-config parameter (the ServerApp would see
 # run_config={} and the ClientApps {}), so Privet passes its fused config through `run` and `server_app_context`.
@@ -30,9 +29,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from client.site import SIMULATION_ENV
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError, RunConfig, parse_overrides
+from server.preflight import check_run
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class SimulateError(ValueError):
+    """A `privet simulate` option the user can fix (--sites, --ray-address)."""
 
 
 def simulate(
@@ -47,18 +51,21 @@ def simulate(
 ) -> None:
     """Simulate `num_sites` sites training together; raises if the ServerApp fails.
 
+    The run config, the run directory, the model and the data are checked before Ray starts (server.preflight).
+
     `ray_address` (e.g. ``auto``, ``10.0.0.5:6379`` or ``ray://host:10001``) runs the sites on that existing Ray
     cluster instead of a private local one. `client_app` replaces the ClientApp named in pyproject.toml (tests use
     it to simulate failing sites).
     """
     if num_sites < 1:
-        raise ValueError(f"sites={num_sites} must be at least 1")
+        raise SimulateError(f"--sites {num_sites} must be at least 1")
     app_dir = Path(app_dir).resolve()
     RunConfig.from_mapping(dict(overrides or {}))  # name a bad key or value before Ray starts
     run_config = get_fused_config_from_dir(app_dir, dict(overrides or {}))
     config = RunConfig.from_mapping(run_config)
     if config.min_sites > num_sites:
-        raise ValueError(f"min-sites={config.min_sites} is more than the {num_sites} simulated sites")
+        raise ConfigError(f"min-sites={config.min_sites} is more than the {num_sites} simulated sites")
+    check_run(config)
     components = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]
     run = replace(
         Run.create_empty(run_id=1),
@@ -120,7 +127,7 @@ def attach_ray(address: str) -> float:
         # No num_cpus/num_gpus: the cluster's nodes declare their own resources, and Ray refuses them here.
         ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level="error")
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ValueError(
+        raise SimulateError(
             f"cannot attach to the Ray cluster at --ray-address {address!r} ({err}); start one with "
             "`ray start --head` or correct the address"
         ) from None
@@ -128,7 +135,7 @@ def attach_ray(address: str) -> float:
     cpus = [count for count in cpus if count > 0]
     if not cpus:
         ray.shutdown()
-        raise ValueError(f"the Ray cluster at {address!r} has no node with CPUs to run a site on")
+        raise SimulateError(f"the Ray cluster at {address!r} has no node with CPUs to run a site on")
     return float(min(cpus))
 
 
@@ -152,20 +159,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="Flower's debug logging")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Parse the overrides and simulate; a bad option ends with a one-line error, not a traceback."""
-    try:
-        overrides = parse_config_args([args.run_config]) if args.run_config.strip() else {}
-        simulate(args.sites, overrides, cpus_per_site=args.cpus_per_site, verbose=args.verbose,
-                 ray_address=args.ray_address)
-    except (ConfigError, ValueError, click.ClickException) as err:
-        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
-        print(f"privet simulate: {message}", file=sys.stderr)
-        return 2
-    return 0
+def run_from_args(args: argparse.Namespace) -> None:
+    """Parse the overrides and simulate (`privet simulate`; its user errors end in one line there)."""
+    overrides = parse_overrides(args.run_config)
+    simulate(args.sites, overrides, cpus_per_site=args.cpus_per_site, verbose=args.verbose,
+             ray_address=args.ray_address)
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m server.simulate", description=__doc__)
-    add_arguments(_parser)
-    sys.exit(run_from_args(_parser.parse_args()))
+    from server.cli import main
+
+    sys.exit(main(["simulate", *sys.argv[1:]]))

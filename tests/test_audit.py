@@ -20,7 +20,7 @@ from client import audit
 from client.site import site_terms
 from common import privacy
 from common.audit_bound import epsilon_lower_bound
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.ledger import Ledger
 from common.model import weights_sha256
 from common.train import TensorData
@@ -179,12 +179,22 @@ def test_the_run_config_comes_from_a_run_directory(tmp_path):
     assert config.num_server_rounds == 5 and config.dp is False
     with pytest.raises(audit.AuditError, match="no state.json"):
         audit.load_config(tmp_path / "missing", "")
-    with pytest.raises(audit.AuditError, match="--run-config"):
+    with pytest.raises(ConfigError, match="--run-config: cannot read dp=\\[: dp must be true or false"):
         audit.load_config(None, "dp=[")
 
 
 def test_the_command_reports_bad_input_in_one_line(capsys):
-    parser = argparse.ArgumentParser()
-    audit.add_arguments(parser)
-    assert audit.run(parser.parse_args(["--guesses", "7"])) == 2
-    assert "privet audit: guesses=7" in capsys.readouterr().err
+    from server.cli import main
+
+    assert main(["audit", "--guesses", "7"]) == 2  # 1 is the VIOLATION verdict
+    err = capsys.readouterr().err
+    assert err.startswith("privet audit: error: guesses=7") and err.count("\n") == 1
+
+
+def test_default_sizes_fit_a_small_site():
+    """The demo's site 0 has 902 training records: the defaults leave it a batch and guess at most 100."""
+    assert audit.default_sizes(902, 128, None, None) == (774, 100)
+    assert audit.default_sizes(5000, 128, None, None) == (1000, 100)
+    assert audit.default_sizes(60, 8, None, None) == (52, 52)
+    assert audit.default_sizes(61, 8, None, None) == (53, 52)
+    assert audit.default_sizes(902, 128, 200, None) == (200, 100)

@@ -138,7 +138,8 @@ def test_predict_writes_the_input_rows_plus_label_and_probabilities_in_the_outpu
         rows = list(csv.DictReader(output.open(), delimiter="," if suffix == ".csv" else "\t"))
     expected = inference.load(adapter).predict(
         ["my card was charged a fee", "student loan, interest", "the mortgage payment"])
-    assert [row["id"] for row in rows] == ["1", "2", "3"]
+    # The CSV's id column holds plain integers: JSON lines and Parquet keep them integers, CSV and TSV write them back.
+    assert [row["id"] for row in rows] == (["1", "2", "3"] if suffix in (".csv", ".tsv") else [1, 2, 3])
     assert rows[1]["text"] == "student loan, interest"
     assert [row["predicted_label"] for row in rows] == expected.labels
     for row, probabilities in zip(rows, expected.probabilities):
@@ -422,6 +423,9 @@ else:
             if word is not None and word not in seen:
                 seen.add(word)
                 tags.append(model.config.id2label[int(ids[position])])
+        # The model card's IOB2 step: an I-X that would start an entity becomes B-X.
+        tags = [f"B-{t[2:]}" if t.startswith("I-") and (i == 0 or tags[i - 1][2:] != t[2:]) else t
+                for i, t in enumerate(tags)]
         out["labels"].append(tags)
 out["class"] = type(model).__name__
 out["missing"] = sorted(info["missing_keys"])

@@ -159,7 +159,8 @@ def test_markdown_has_every_section_and_references_existing_pngs(report):
     assert len(images) == 4
     for name in images:
         assert (run / name).read_bytes().startswith(PNG)
-    assert DECLINE.replace("<", "&lt;") in text
+    # A backslash keeps "<" from opening raw HTML; an entity would show literally in a Markdown viewer's code spans.
+    assert DECLINE.replace("<", "\\<") in text and "&lt;" not in text
 
 
 def test_works_without_final_evaluation_or_ledgers(tmp_path):
@@ -190,7 +191,18 @@ def test_rounds_past_the_last_confirmed_one_are_left_out(tmp_path):
     state = json.loads((run / "state.json").read_text())
     (run / "state.json").write_text(json.dumps({**state, "last_round": 2}))
     text = write_report(run)[1].read_text(encoding="utf-8")
-    assert "2 of 3 planned rounds completed" in text
+    assert "2 of 3 planned rounds trained" in text
+
+
+def test_rounds_in_which_no_site_trained_are_not_called_completed(tmp_path):
+    """Nodes that all declined (e.g. SuperNodes without a site policy) leave a run that trained nothing."""
+    run = make_run(tmp_path / "runs" / "declined")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["sites"] = [site_row(site, row["round"], declined=True) for site in SITES]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = write_report(run)[1].read_text(encoding="utf-8")
+    assert "NO SITE TRAINED in any of the 3 round(s)" in text and "completed" not in text.split("##")[2]
 
 
 def test_regenerating_overwrites_cleanly(report):

@@ -82,7 +82,7 @@ def test_resume_refuses_a_changed_configuration(tmp_path):
     assert run.start(True, {"lora-r": 8, "resume": True, "num-server-rounds": 5}) == 0
     with pytest.raises(RunDirError, match="differs .* in: lora-r"):
         run.start(True, {"lora-r": 16, "resume": True, "num-server-rounds": 3})
-    with pytest.raises(RunDirError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds run 'r' .*pass resume=true.*or delete"):
         run.start(False, {"lora-r": 8, "resume": False, "num-server-rounds": 3})
 
 

@@ -1,6 +1,5 @@
 """`privet simulate --ray-address`: sites on an existing Ray cluster, and the Flower entry point simulate relies on."""
 
-import argparse
 import inspect
 import json
 import os
@@ -85,10 +84,10 @@ def test_an_unreachable_cluster_is_a_one_line_error(monkeypatch, tiny_model_dir,
         raise ConnectionError("could not connect")
 
     monkeypatch.setattr(ray, "init", refuse)
-    args = argparse.Namespace(
-        sites=2, run_config=f"model='{tiny_model_dir}'", cpus_per_site=None, verbose=False,
-        ray_address="10.255.255.1:6379")
-    assert server.simulate.run_from_args(args) == 2
+    from server.cli import main
+
+    assert main(["simulate", "--sites", "2", "--run-config", f"model='{tiny_model_dir}' runs-dir='{tmp_path}'",
+                 "--ray-address", "10.255.255.1:6379"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot attach to the Ray cluster at --ray-address '10.255.255.1:6379'" in err
 
