@@ -31,6 +31,7 @@ from flwr.supercore.telemetry import EventType
 
 from client.site import SIMULATION_ENV
 from common.config import ConfigError, RunConfig
+from server.robust import MIN_ROBUST_SITES
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -54,15 +55,21 @@ def simulate(
     if num_sites < 1:
         raise ValueError(f"sites={num_sites} must be at least 1")
     app_dir = Path(app_dir).resolve()
-    RunConfig.from_mapping(dict(overrides or {}))  # name a bad key or value before Ray starts
-    run_config = get_fused_config_from_dir(app_dir, dict(overrides or {}))
+    overrides = dict(overrides or {})
+    RunConfig.from_mapping(overrides)  # name a bad key or value before Ray starts
+    if "min-sites" not in overrides and num_sites < RunConfig().min_sites:
+        # Said on stderr, not only logged: the run goes on below the default on the user's behalf.
+        print(f"privet simulate: min-sites lowered to {num_sites} for {num_sites} site(s); robustness against a "
+              f"rogue site needs an honest majority of at least {MIN_ROBUST_SITES} sites", file=sys.stderr)
+        overrides["min-sites"] = num_sites
+    run_config = get_fused_config_from_dir(app_dir, overrides)
     config = RunConfig.from_mapping(run_config)
     if config.min_sites > num_sites:
         raise ValueError(f"min-sites={config.min_sites} is more than the {num_sites} simulated sites")
     components = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]
     run = replace(
         Run.create_empty(run_id=1),
-        override_config=dict(overrides or {}),
+        override_config=overrides,
         federation_id=NOOP_FEDERATION_ID,
         primary_task_id=1,
     )
