@@ -21,6 +21,8 @@ Attacks (each rogue first trains honestly on its own data, then rewrites its rep
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -44,7 +46,7 @@ from common.bounds import round_ceiling
 from common.config import RunConfig
 from common.metrics import classification_metrics
 from common.model import HeadOnly, build_model
-from common.train import features
+from common.train import FeatureData, features
 from server.identity import SiteIdentities
 from server.strategy import TRAIN_METRICS, Rules, make_strategy, screen
 
@@ -128,8 +130,12 @@ def attack(kind: str, server_round: int, start: dict, rogue_replies: list[Messag
 
 
 def federation(run_config: dict, runs_dir: Path, sites: int, rogues: tuple[int, ...], attack_kind: str | None,
-               absent: bool, test) -> dict:
-    """One federation of `sites` sites over the run config's rounds; the final adapter's scores on the test split."""
+               absent: bool, test, plain: bool = False) -> dict:
+    """One federation of `sites` sites over the run config's rounds; the final adapter's scores on the test split.
+
+    `plain`: the server averages without robust aggregation (the sites' config stays as it is, so their cached
+    features serve).
+    """
     config = RunConfig.from_mapping(run_config)
     shutil.rmtree(runs_dir / config.run_name, ignore_errors=True)  # fresh ledgers, same paths (the feature cache)
     task = tasks.get(config)
@@ -138,7 +144,7 @@ def federation(run_config: dict, runs_dir: Path, sites: int, rogues: tuple[int, 
                         ffa=config.aggregation == "ffa-lora", seed=config.seed, head=task.head)
     spec = adapters.expected_spec(model)
     arrays = adapters.to_record(adapters.trainable_state(model))
-    strategy = make_strategy(config)
+    strategy = make_strategy(dataclasses.replace(config, robust_aggregation=config.robust_aggregation and not plain))
     identities = SiteIdentities()
     grid = LocalGrid(run_config, sites, rogues, attack_kind, absent)
     message_config = {"run-name": config.run_name, "runs-dir": str(runs_dir),
@@ -188,12 +194,17 @@ def main(argv=None) -> int:
                         head=tasks.get(config).head)
     if config.lora_rounds:
         raise SystemExit("bench.rogue scores on cached features: it needs lora-rounds=0 (the default recipe)")
-    test = features(model, tasks.central_test_set(config))
+    key = hashlib.sha256(repr((config.model, config.max_length, config.seed, config.dataset)).encode()).hexdigest()
+    cache = runs_dir.parent / f"privet-rogue-test-features-{key[:16]}.pt"
+    if cache.exists():  # the frozen encoder's view of the test split: a function of these four settings alone
+        test = FeatureData(*torch.load(cache))
+    else:
+        test = features(model, tasks.central_test_set(config))
+        torch.save((test.features, test.labels), cache)
     print(f"test split: {len(test)} examples, features in {time.perf_counter() - started:.0f}s", flush=True)
 
     def figure(sites, rogues, kind, absent, plain=False):
-        run_config = {**base, "robust-aggregation": not plain}
-        runs = [federation(run_config, runs_dir, sites, rogues, kind, absent, test) for _ in range(args.repeats)]
+        runs = [federation(base, runs_dir, sites, rogues, kind, absent, test, plain) for _ in range(args.repeats)]
         return {"accuracy": float(np.mean([r["accuracy"] for r in runs])),
                 "macro_f1": float(np.mean([r["macro_f1"] for r in runs])),
                 "accuracy_each": [r["accuracy"] for r in runs], "rounds": runs[-1]["rounds"]}
