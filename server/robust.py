@@ -3,25 +3,28 @@
 Centered clipping (Karimireddy, He and Jaggi, "Learning from History for Byzantine Robust
 Optimization", ICML 2021) averages each update's deviation from a robust centre after clipping it
 to a radius, so one site can move the aggregate by at most radius / n. Here the centre is the
-coordinate-wise median of the round's updates, and each deviation is clipped twice:
+coordinate-wise median of the round's updates (as deltas from the round's global adapter), and:
 
-* per coordinate, to ``COORDINATE_FACTOR`` × that coordinate's median absolute deviation: an L2
-  radius alone lets a rogue pour its whole allowance into a few coordinates (one label's bias row),
-  where honest updates barely differ;
-* in L2, to the median of the deviations' norms.
+* an update pointing away from the centre (cosine ≤ 0) counts as the centre itself: it is what a
+  reversed update looks like, and under DP noise a clip radius set by honest noise would otherwise
+  let it cancel an honest site's signal;
+* each deviation is clipped per coordinate to ``COORDINATE_FACTOR`` × that coordinate's median
+  absolute deviation: an L2 radius alone lets a rogue pour its whole allowance into a few
+  coordinates (one label's bias), where honest updates barely differ;
+* and in L2 to the median of the deviations' norms.
 
 Every statistic is a median over the round's sites, so while rogues are fewer than half of them
-each radius is bracketed by honest values: with ``n`` sites of which ``f`` are rogue, the aggregate
-moves from the honest-only centre by at most ``f / n`` of an honest site's own deviation (plus the
-median's shift, itself within the honest spread). Honest DP-SGD updates of one round spread by
-their noise, so an honest federation loses little: few honest coordinates exceed twice the median
-deviation, and the L2 clip pulls the farthest half toward the median, not away from the mean's
-direction. Every step is translation-invariant, so it runs on the adapters themselves, not deltas.
+each radius is bracketed by honest values: one rogue among ``n`` moves the aggregate by at most
+``1 / n`` of an honest site's own deviation from the centre (plus the median's own shift, within the
+honest spread). Honest updates of one round share a direction, so they keep a positive cosine with
+their median, and few honest coordinates exceed twice the median deviation: an honest federation's
+aggregate stays near its mean.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,25 +34,38 @@ MIN_ROBUST_SITES = 3
 COORDINATE_FACTOR = 2.0
 
 
-def centered_clip(updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The robust aggregate (float64) of at least ``MIN_ROBUST_SITES`` adapters with the same keys and shapes."""
+@dataclass(frozen=True)
+class RobustAggregate:
+    """The aggregate adapter (float64) and how many updates pointed away from the centre (counted as the centre)."""
+
+    arrays: dict[str, np.ndarray]
+    opposed: int
+
+
+def centered_clip(updates: Sequence[Mapping[str, np.ndarray]], start: Mapping[str, np.ndarray]) -> RobustAggregate:
+    """The robust aggregate of at least ``MIN_ROBUST_SITES`` adapters trained from the global adapter `start`."""
     if len(updates) < MIN_ROBUST_SITES:
         raise ValueError(f"centered clipping needs at least {MIN_ROBUST_SITES} updates, got {len(updates)}")
-    keys = list(updates[0])
-    shapes = {key: np.shape(updates[0][key]) for key in keys}
-    stacked = np.stack([np.concatenate([np.asarray(u[key], dtype=np.float64).ravel() for key in keys])
-                        for u in updates])
-    centre = np.median(stacked, axis=0)
-    deviations = stacked - centre
+    keys = list(start)
+    origin = np.concatenate([np.asarray(start[key], dtype=np.float64).ravel() for key in keys])
+    deltas = np.stack([np.concatenate([np.asarray(u[key], dtype=np.float64).ravel() for key in keys])
+                       for u in updates]) - origin
+    centre = np.median(deltas, axis=0)
+    opposed = deltas @ centre <= 0
+    deltas[opposed] = centre
+    deviations = deltas - centre
     radius = COORDINATE_FACTOR * np.median(np.abs(deviations), axis=0)
     deviations = np.clip(deviations, -radius, radius)
     norms = np.linalg.norm(deviations, axis=1)
     l2_radius = float(np.median(norms))
-    scale = np.minimum(1.0, l2_radius / np.maximum(norms, np.finfo(np.float64).tiny))
-    flat = centre + (deviations * scale[:, None]).mean(axis=0)
-    result, start = {}, 0
+    scale = np.ones_like(norms)
+    far = norms > l2_radius
+    scale[far] = l2_radius / norms[far]
+    flat = origin + centre + (deviations * scale[:, None]).mean(axis=0)
+    arrays, offset = {}, 0
     for key in keys:
-        size = int(np.prod(shapes[key], dtype=np.int64))
-        result[key] = flat[start:start + size].reshape(shapes[key])
-        start += size
-    return result
+        shape = np.shape(start[key])
+        size = int(np.prod(shape, dtype=np.int64))
+        arrays[key] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    return RobustAggregate(arrays, int(opposed.sum()))

@@ -114,6 +114,7 @@ class Aggregator(Strategy):
         self.inner = inner
         self.robust = robust
         self.last_rule = ""
+        self.round_start: ArrayRecord | None = None  # the global adapter the round's sites trained from
 
     def central_privacy(self) -> dict | None:
         """Site-level ε and δ spent so far under central DP, and the accountant state to save; None without it."""
@@ -141,6 +142,7 @@ class Aggregator(Strategy):
         self.inner.v_t = {key[2:]: value for key, value in state.items() if key.startswith("v/")}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.round_start = arrays
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -148,7 +150,11 @@ class Aggregator(Strategy):
         updates = [msg for msg in copies if not msg.has_error()]
         self.last_rule = self._rule(len(updates))
         if self.robust and len(updates) >= MIN_ROBUST_SITES:
-            copies = [_robust_reply(updates)]
+            if self.round_start is None:
+                raise RuntimeError("robust aggregation needs the round's global adapter: call configure_train first")
+            copies, opposed = _robust_reply(updates, self.round_start)
+            if opposed:
+                self.last_rule += f" ({opposed} pointing away from the median counted as the median)"
         if len(updates) < MIN_ROBUST_SITES:
             log.warning("round %d: %s", server_round, self.last_rule)
         return self._aggregate(server_round, copies)
@@ -206,13 +212,14 @@ def _aggregation_copy(msg: Message) -> Message:
     return make_message(msg.metadata, content)
 
 
-def _robust_reply(updates: list[Message]) -> Message:
-    """The updates' centered-clipping aggregate as one reply of weight 1, in the first update's place."""
+def _robust_reply(updates: list[Message], start: ArrayRecord) -> tuple[list[Message], int]:
+    """The updates' centered-clipping aggregate as the one reply (weight 1) to aggregate, and how many opposed it."""
     aggregate = centered_clip([{key: value.numpy() for key, value in msg.content["arrays"].items()}
-                               for msg in updates])
-    arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in aggregate.items()})
-    return make_message(updates[0].metadata, RecordDict({"arrays": arrays,
-                                                         "metrics": MetricRecord({"num-examples": 1})}))
+                               for msg in updates], {key: value.numpy() for key, value in start.items()})
+    arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in aggregate.arrays.items()})
+    reply = make_message(updates[0].metadata, RecordDict({"arrays": arrays,
+                                                          "metrics": MetricRecord({"num-examples": 1})}))
+    return [reply], aggregate.opposed
 
 
 @dataclass

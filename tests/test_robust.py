@@ -24,6 +24,13 @@ DRIFT = 0.3  # per round, in units of the rogue's own update norm: ten rounds st
 ATTACKS = ("scaled", "reversed", "targeted", "drifting", "inflated")
 
 
+class Grid:
+    """Just enough of a Flower Grid for configure_train."""
+
+    def get_node_ids(self):
+        return [1, 2, 3, 4, 5]
+
+
 @pytest.fixture(autouse=True)
 def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
@@ -72,7 +79,9 @@ def server_aggregate(deltas, examples, config=None, server_round=1):
     screened = screen(replies, rules, SiteIdentities())
     # Every rogue here stays inside the screens, but the crude 1000× one, which they set aside.
     assert all("more than 4×" in reason for reason in screened.rejected.values()), screened.rejected
-    arrays, _ = make_strategy(config or RunConfig()).aggregate_train(server_round, screened.accepted)
+    strategy = make_strategy(config or RunConfig())
+    list(strategy.configure_train(server_round, rules.global_arrays, ConfigRecord({}), Grid()))
+    arrays, _ = strategy.aggregate_train(server_round, screened.accepted)
     return flat({key: arrays[key].numpy() for key in SPEC})
 
 
@@ -172,8 +181,9 @@ def test_an_honest_federation_keeps_nearly_its_mean():
 def test_robust_aggregation_is_the_default_and_needs_three_sites():
     assert RunConfig().robust_aggregation and RunConfig().min_sites == MIN_ROBUST_SITES == 3
     with pytest.raises(ValueError, match="at least 3 updates"):
-        centered_clip(honest_updates(2, seed=0))
+        centered_clip(honest_updates(2, seed=0), GLOBAL)
     strategy = make_strategy(RunConfig())
+    list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), ConfigRecord({}), Grid()))
     two = [message(node, d) for node, d in enumerate(honest_updates(2, seed=0), start=1)]
     arrays, _ = strategy.aggregate_train(1, two)  # two sites: the plain mean, said so
     assert "not robust" in strategy.last_rule and "honest majority of at least 3" in strategy.last_rule
