@@ -5,9 +5,11 @@ Optimization", ICML 2021) averages each update's deviation from a robust centre 
 to a radius, so one site can move the aggregate by at most radius / n. Here the centre is the
 coordinate-wise median of the round's updates (as deltas from the round's global adapter), and:
 
-* an update pointing away from the centre (cosine ≤ 0) counts as the centre itself: it is what a
-  reversed update looks like, and under DP noise a clip radius set by honest noise would otherwise
-  let it cancel an honest site's signal;
+* an update that points away from most others (cosine ≤ 0 with more than half of the other updates)
+  counts as the centre itself. Honest updates of a round share the direction their data agree on, so
+  each keeps a positive cosine with the other honest ones, and a rogue can pass this check only by
+  pushing along that shared direction. Without it a reversed update, clipped to a radius that DP
+  noise sets, still cancels an honest site's signal, and two colluding ones pull the median itself;
 * each deviation is clipped per coordinate to ``COORDINATE_FACTOR`` × that coordinate's median
   absolute deviation: an L2 radius alone lets a rogue pour its whole allowance into a few
   coordinates (one label's bias), where honest updates barely differ;
@@ -36,7 +38,7 @@ COORDINATE_FACTOR = 2.0
 
 @dataclass(frozen=True)
 class RobustAggregate:
-    """The aggregate adapter (float64) and how many updates pointed away from the centre (counted as the centre)."""
+    """The aggregate adapter (float64) and how many updates pointed away from most others (counted as the centre)."""
 
     arrays: dict[str, np.ndarray]
     opposed: int
@@ -51,7 +53,7 @@ def centered_clip(updates: Sequence[Mapping[str, np.ndarray]], start: Mapping[st
     deltas = np.stack([np.concatenate([np.asarray(u[key], dtype=np.float64).ravel() for key in keys])
                        for u in updates]) - origin
     centre = np.median(deltas, axis=0)
-    opposed = deltas @ centre <= 0
+    opposed = _opposed(deltas)
     deltas[opposed] = centre
     deviations = deltas - centre
     radius = COORDINATE_FACTOR * np.median(np.abs(deviations), axis=0)
@@ -69,3 +71,13 @@ def centered_clip(updates: Sequence[Mapping[str, np.ndarray]], start: Mapping[st
         arrays[key] = flat[offset:offset + size].reshape(shape)
         offset += size
     return RobustAggregate(arrays, int(opposed.sum()))
+
+
+def _opposed(deltas: np.ndarray) -> np.ndarray:
+    """Which deltas have a cosine ≤ 0 with more than half of the others (a zero delta agrees with none)."""
+    norms = np.linalg.norm(deltas, axis=1, keepdims=True)
+    units = np.divide(deltas, norms, out=np.zeros_like(deltas), where=norms > 0)
+    cosines = units @ units.T
+    np.fill_diagonal(cosines, 1.0)
+    disagreeing = (cosines <= 0).sum(axis=1)
+    return disagreeing > (len(deltas) - 1) / 2
