@@ -128,6 +128,14 @@ def test_two_colluding_rogues_among_five_stay_within_the_honest_spread(kind, see
     assert got @ mean >= 0.25 * (mean @ mean)
 
 
+@pytest.mark.parametrize("kind,sites,rogues", [("reversed", 4, 1), ("inflated", 4, 1), ("reversed", 5, 2)])
+def test_updates_pointing_away_from_the_majority_count_as_the_median(kind, sites, rogues):
+    for seed in range(5):
+        _, deltas, _ = with_rogues(kind, sites, rogues, seed)
+        assert centered_clip(deltas, GLOBAL).opposed == rogues
+        assert centered_clip(honest_updates(sites, seed), GLOBAL).opposed == 0
+
+
 def test_without_robust_aggregation_the_same_rogues_steer_the_mean():
     """The contrast: the plain (equally weighted) mean lets each attack above past its bounds."""
     plain = RunConfig(robust_aggregation=False)
