@@ -6,7 +6,7 @@ to a radius, so one site can move the aggregate by at most radius / n. Here the 
 coordinate-wise median of the round's updates (as deltas from the round's global adapter), and:
 
 * an update that points away from most others (cosine ≤ 0 with more than half of the other updates)
-  counts as the centre itself. Honest updates of a round share the direction their data agree on, so
+  counts as the centre itself, and the centre is the median of the other updates. Honest updates of a round share the direction their data agree on, so
   each keeps a positive cosine with the other honest ones, and a rogue can pass this check only by
   pushing along that shared direction. Without it a reversed update, clipped to a radius that DP
   noise sets, still cancels an honest site's signal, and two colluding ones pull the median itself;
@@ -52,8 +52,9 @@ def centered_clip(updates: Sequence[Mapping[str, np.ndarray]], start: Mapping[st
     origin = np.concatenate([np.asarray(start[key], dtype=np.float64).ravel() for key in keys])
     deltas = np.stack([np.concatenate([np.asarray(u[key], dtype=np.float64).ravel() for key in keys])
                        for u in updates]) - origin
-    centre = np.median(deltas, axis=0)
     opposed = _opposed(deltas)
+    # The centre of the others only: two colluding rogues on one side would otherwise drag every coordinate's median.
+    centre = np.median(deltas[~opposed], axis=0)
     deltas[opposed] = centre
     deviations = deltas - centre
     radius = COORDINATE_FACTOR * np.median(np.abs(deviations), axis=0)
@@ -74,10 +75,12 @@ def centered_clip(updates: Sequence[Mapping[str, np.ndarray]], start: Mapping[st
 
 
 def _opposed(deltas: np.ndarray) -> np.ndarray:
-    """Which deltas have a cosine ≤ 0 with more than half of the others (a zero delta agrees with none)."""
+    """Which deltas have a cosine ≤ 0 with more than half of the others (a zero delta agrees with none); none when
+    that is not a minority: in a round whose honest updates are mostly DP noise, they do not agree among themselves
+    either, and the check would only throw honest updates away."""
     norms = np.linalg.norm(deltas, axis=1, keepdims=True)
     units = np.divide(deltas, norms, out=np.zeros_like(deltas), where=norms > 0)
     cosines = units @ units.T
     np.fill_diagonal(cosines, 1.0)
-    disagreeing = (cosines <= 0).sum(axis=1)
-    return disagreeing > (len(deltas) - 1) / 2
+    opposed = (cosines <= 0).sum(axis=1) > (len(deltas) - 1) / 2
+    return opposed if 2 * opposed.sum() < len(deltas) else np.zeros_like(opposed)
