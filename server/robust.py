@@ -5,6 +5,8 @@ Optimization", ICML 2021) averages each update's deviation from a robust centre 
 to a radius, so one site can move the aggregate by at most radius / n. Here the centre is the
 coordinate-wise median of the round's updates (as deltas from the round's global adapter), and:
 
+* each delta is first scaled to at most the median delta norm;
+
 * an update that points away from most others (cosine ≤ 0 with more than half of the other updates)
   counts as the centre itself, and the centre is the median of the other updates. Honest updates of a round share the direction their data agree on, so
   each keeps a positive cosine with the other honest ones, and a rogue can pass this check only by
@@ -52,6 +54,10 @@ def centered_clip(updates: Sequence[Mapping[str, np.ndarray]], start: Mapping[st
     origin = np.concatenate([np.asarray(start[key], dtype=np.float64).ravel() for key in keys])
     deltas = np.stack([np.concatenate([np.asarray(u[key], dtype=np.float64).ravel() for key in keys])
                        for u in updates]) - origin
+    # Honest DP-SGD updates of one round have similar norms; a larger one buys nothing but a larger say in the
+    # medians below (an update scaled up is an extreme in every coordinate), so each is scaled to at most the median.
+    sizes = np.linalg.norm(deltas, axis=1)
+    deltas *= np.minimum(1.0, np.divide(np.median(sizes), sizes, out=np.ones_like(sizes), where=sizes > 0))[:, None]
     opposed = _opposed(deltas)
     # The centre of the others only: two colluding rogues on one side would otherwise drag every coordinate's median.
     centre = np.median(deltas[~opposed], axis=0)
