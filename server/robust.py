@@ -6,12 +6,12 @@ to a radius, so one site can move the aggregate by at most radius / n. Here the 
 coordinate-wise median of the round's updates (as deltas from the round's global adapter), and:
 
 * each delta is first scaled to at most the median delta norm;
-
 * an update that points away from most others (cosine ≤ 0 with more than half of the other updates)
-  counts as the centre itself, and the centre is the median of the other updates. Honest updates of a round share the direction their data agree on, so
-  each keeps a positive cosine with the other honest ones, and a rogue can pass this check only by
-  pushing along that shared direction. Without it a reversed update, clipped to a radius that DP
-  noise sets, still cancels an honest site's signal, and two colluding ones pull the median itself;
+  counts as the centre itself, and the centre is the median of the other updates. Honest updates
+  of a round share the direction their data agree on, so each keeps a positive cosine with the
+  other honest ones, and a rogue can pass this check only by pushing along that shared direction.
+  Without it a reversed update, clipped to a radius that DP noise sets, still cancels an honest
+  site's signal, and two colluding ones pull the median itself;
 * each deviation is clipped per coordinate to ``COORDINATE_FACTOR`` × that coordinate's median
   absolute deviation: an L2 radius alone lets a rogue pour its whole allowance into a few
   coordinates (one label's bias), where honest updates barely differ;
