@@ -14,6 +14,7 @@ the same global adapter, then one secure round with the real model, and leaves e
 
 from __future__ import annotations
 
+import importlib
 import time
 import zlib
 from pathlib import Path
@@ -39,10 +40,14 @@ SCENARIOS = [
     ("two-drop", {2: "collect_masked_vectors", 3: "collect_masked_vectors"}, set()),
     ("all-decline", {}, {0, 1, 2, 3}),
     ("inflated-weight", {}, set()),
+    ("unclipped", {}, set()),
 ]
 # Rounds in which one rogue site runs SecAgg+ with a max weight of its own, a quarter of the server's: its masked
 # vector then carries weight 4 where every other site's carries 1.
 ROGUE_WEIGHT = {"inflated-weight": (2, 0.25)}
+# Rounds in which one rogue site's own code skips SecAgg+'s clip: it adds 2Q to every quantized coordinate, which is
+# 2 × (2 × clipping range) beyond anything a clipped delta can be.
+UNCLIPPED = {"unclipped": 1}
 RESULTS: dict = {}
 
 
@@ -67,7 +72,24 @@ def _drop_mod(msg: Message, context: Context, call_next) -> Message:
         rogue, max_weight = ROGUE_WEIGHT.get(name, (None, None))
         if partition == rogue and stage == "setup":
             cfg[Key.MAX_WEIGHT] = max_weight
+        if UNCLIPPED.get(name) == partition and stage == "collect_masked_vectors":
+            return _unclipped(msg, context, call_next)
     return call_next(msg, context)
+
+
+def _unclipped(msg: Message, context: Context, call_next) -> Message:
+    # The module, not the function of the same name its package exports.
+    flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    quantize = flower_mod.quantize
+
+    def beyond(parameters, clipping_range, target_range):
+        return [q + 2 * target_range for q in quantize(parameters, clipping_range, target_range)]
+
+    flower_mod.quantize = beyond
+    try:
+        return call_next(msg, context)
+    finally:
+        flower_mod.quantize = quantize
 
 
 def _spy_mod(msg: Message, context: Context, call_next) -> Message:

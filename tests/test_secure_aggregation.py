@@ -191,6 +191,14 @@ def test_a_site_that_inflates_its_masked_weight_gets_the_round_refused(numpy_run
     assert outcome.failure.startswith("the masked weights sum to 7 sites' worth, but 4 site(s) trained")
 
 
+def test_a_site_that_skips_the_clip_gets_the_round_refused(numpy_run):
+    """A mean of deltas clipped to ±c lies within ±c: a rogue site's own code that skips the clip gives itself away."""
+    rounds, _ = numpy_run
+    outcome = rounds["unclipped"]["outcome"]
+    assert outcome.arrays is None and len(outcome.trained) == 4
+    assert outcome.failure.startswith("the unmasked mean leaves the clipping range ±8: a site sent values outside it")
+
+
 def test_aggregate_feeds_message_api_strategies(numpy_run):
     rounds, _ = numpy_run
     record = rounds["all"]
