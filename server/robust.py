@@ -7,7 +7,7 @@ coordinate-wise median of the round's updates (as deltas from the round's global
 
 * each delta is first scaled to at most the median delta norm;
 * an update that points away from most others (cosine ≤ 0 with more than half of the other updates)
-  counts as the centre itself, and the centre is the median of the other updates. Honest updates
+  is left out, and the centre is the median of the other updates. Honest updates
   of a round share the direction their data agree on, so each keeps a positive cosine with the
   other honest ones, and a rogue can pass this check only by pushing along that shared direction.
   Without it a reversed update, clipped to a radius that DP noise sets, still cancels an honest
@@ -40,7 +40,7 @@ COORDINATE_FACTOR = 2.0
 
 @dataclass(frozen=True)
 class RobustAggregate:
-    """The aggregate adapter (float64) and how many updates pointed away from most others (counted as the centre)."""
+    """The aggregate adapter (float64) and how many updates pointed away from most others (left out)."""
 
     arrays: dict[str, np.ndarray]
     opposed: int
@@ -59,9 +59,10 @@ def centered_clip(updates: Sequence[Mapping[str, np.ndarray]], start: Mapping[st
     sizes = np.linalg.norm(deltas, axis=1)
     deltas *= np.minimum(1.0, np.divide(np.median(sizes), sizes, out=np.ones_like(sizes), where=sizes > 0))[:, None]
     opposed = _opposed(deltas)
-    # The centre of the others only: two colluding rogues on one side would otherwise drag every coordinate's median.
-    centre = np.median(deltas[~opposed], axis=0)
-    deltas[opposed] = centre
+    # Left out, not counted as the centre: that would only dilute the others' share (and two colluding rogues on one
+    # side would drag every coordinate's median).
+    deltas = deltas[~opposed]
+    centre = np.median(deltas, axis=0)
     deviations = deltas - centre
     radius = COORDINATE_FACTOR * np.median(np.abs(deviations), axis=0)
     deviations = np.clip(deviations, -radius, radius)

@@ -154,7 +154,7 @@ class Aggregator(Strategy):
                 raise RuntimeError("robust aggregation needs the round's global adapter: call configure_train first")
             copies, opposed = _robust_reply(updates, self.round_start)
             if opposed:
-                self.last_rule += f" ({opposed} pointing away from most others counted as the median)"
+                self.last_rule += f" ({opposed} pointing away from most others left out)"
         if len(updates) < MIN_ROBUST_SITES:
             log.warning("round %d: %s", server_round, self.last_rule)
         return self._aggregate(server_round, copies)
