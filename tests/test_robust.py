@@ -129,7 +129,7 @@ def test_two_colluding_rogues_among_five_stay_within_the_honest_spread(kind, see
 
 
 @pytest.mark.parametrize("kind,sites,rogues", [("reversed", 4, 1), ("inflated", 4, 1), ("reversed", 5, 2)])
-def test_updates_pointing_away_from_the_majority_count_as_the_median(kind, sites, rogues):
+def test_updates_pointing_away_from_the_majority_are_left_out(kind, sites, rogues):
     for seed in range(5):
         _, deltas, _ = with_rogues(kind, sites, rogues, seed)
         assert centered_clip(deltas, GLOBAL).opposed == rogues
