@@ -58,9 +58,9 @@ def simulate(
     overrides = dict(overrides or {})
     RunConfig.from_mapping(overrides)  # name a bad key or value before Ray starts
     if "min-sites" not in overrides and num_sites < RunConfig().min_sites:
-        # Said on stderr, not only logged: the run goes on below the default on the user's behalf.
+        # Printed, not only logged: the run goes on below the default on the user's behalf (stderr is for errors).
         print(f"privet simulate: min-sites lowered to {num_sites} for {num_sites} site(s); robustness against a "
-              f"rogue site needs an honest majority of at least {MIN_ROBUST_SITES} sites", file=sys.stderr)
+              f"rogue site needs an honest majority of at least {MIN_ROBUST_SITES} sites", flush=True)
         overrides["min-sites"] = num_sites
     run_config = get_fused_config_from_dir(app_dir, overrides)
     config = RunConfig.from_mapping(run_config)

@@ -53,8 +53,8 @@ def test_two_sites_lower_min_sites_and_say_that_robustness_needs_three(monkeypat
     monkeypatch.setattr(server.simulate, "_run_simulation", lambda **kwargs: calls.append(kwargs))
     server.simulate.simulate(2, overrides(tiny_model_dir, tmp_path), cpus_per_site=1)
     assert calls[0]["server_app_context"].run_config["min-sites"] == 2
-    err = capsys.readouterr().err
-    assert "min-sites lowered to 2" in err and "honest majority of at least 3 sites" in err
+    out = capsys.readouterr().out
+    assert "min-sites lowered to 2" in out and "honest majority of at least 3 sites" in out
     with pytest.raises(ValueError, match="min-sites=3 is more than the 2 simulated sites"):
         server.simulate.simulate(2, {**overrides(tiny_model_dir, tmp_path), "min-sites": 3}, cpus_per_site=1)
 
