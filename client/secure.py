@@ -16,9 +16,10 @@ four protocol stages (setup, share keys, collect masked vectors, unmask) and kee
   in a plain round: same policy checks, same DP-SGD, same privacy ledger;
 * turns the reply into what SecAgg+ quantizes: the *delta* (new adapter − global adapter) in
   float64, with an optional L2 bound, each coordinate clipped to ±clipping range, and the
-  site's example count (capped at the server's max weight) as its FedAvg weight. SecAgg+
-  itself multiplies the delta by weight/max-weight before quantizing and the server divides
-  the sum by the summed weights, so the site must **not** pre-multiply;
+  fixed weight ``SITE_WEIGHT`` (1), never its example count: every site weighs the same, so a
+  private count buys no influence. SecAgg+ itself multiplies the delta by weight/max-weight
+  before quantizing and the server divides the sum by the summed weights, so the site must
+  **not** pre-multiply; a server whose max weight is not ``SITE_WEIGHT`` gets a decline;
 * sends a declining site (ε cap reached, policy refusal, bad data, any failure the train
   function turns into a ``decline``) through the protocol with weight 0 and a zero delta:
   it adds nothing to the sum, the round does not lose a share holder, and the reason reaches
@@ -112,7 +113,10 @@ def contribution(
     max_weight: float,
     max_norm: float = 0.0,
 ) -> tuple[list[np.ndarray], int, dict]:
-    """The clipped float64 delta, the FedAvg weight, and notes for the site's own log, from a Privet train reply."""
+    """The clipped float64 delta, the fixed weight, and notes for the site's own log, from a Privet train reply."""
+    if max_weight != wire.SITE_WEIGHT:
+        # Any other max weight would scale this site's share of the sum away from everyone else's equal one.
+        raise SecureUpdateError(f"the server set max weight {max_weight:g}, but every site weighs {wire.SITE_WEIGHT}")
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         raise SecureUpdateError("the reply has no 'arrays' or no 'metrics' record")
     record = content["arrays"]
@@ -137,12 +141,7 @@ def contribution(
         delta = [d * scale for d in delta]
     clipped = int(sum(int(np.count_nonzero(np.abs(d) > clipping_range)) for d in delta))
     delta = [np.clip(d, -clipping_range, clipping_range) for d in delta]
-    weight = int(examples)
-    if weight > max_weight:
-        log.warning("%d examples exceed the secure-aggregation max weight %g; this round weighs them as %d",
-                    weight, max_weight, int(max_weight))
-        weight = int(max_weight)
-    return delta, weight, {wire.CLIPPED: clipped, wire.WEIGHT: weight, wire.NORM_SCALE: scale}
+    return delta, wire.SITE_WEIGHT, {wire.CLIPPED: clipped, wire.WEIGHT: wire.SITE_WEIGHT, wire.NORM_SCALE: scale}
 
 
 def _fitres_reply(msg: Message, delta: list[np.ndarray], weight: int, metrics: dict) -> Message:

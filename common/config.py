@@ -82,6 +82,8 @@ class RunConfig:
     server_learning_rate: float = field(default=0.01, metadata=_range(0, 10, lo_open=True))
     trim_fraction: float = field(default=0.2, metadata=_range(0, 0.5, hi_open=True))
     krum_byzantine: int = field(default=1, metadata=_range(0, 1_000))
+    # Centered clipping (server/robust.py) in place of the plain mean of fedavg, ffa-lora, fedprox and fedadam.
+    robust_aggregation: bool = True
     max_update_norm: float = field(default=0.0, metadata=_range(0, 1_000_000))
     max_site_weight: int = field(default=10_000, metadata=_range(1, 1_000_000))
     site_registry: str = ""
@@ -90,7 +92,8 @@ class RunConfig:
     central_noise_multiplier: float = field(default=1.0, metadata=_range(0, 1_000, lo_open=True))
     central_clipping_norm: float = field(default=1.0, metadata=_range(0, 1_000_000, lo_open=True))
     dirichlet_alpha: float = field(default=1.0, metadata=_range(0, 1_000_000, lo_open=True))
-    min_sites: int = field(default=2, metadata=_range(1, 10_000))
+    # Three: with two sites nobody can tell a rogue from an honest one (robustness needs an honest majority).
+    min_sites: int = field(default=3, metadata=_range(1, 10_000))
     round_timeout: float = field(default=3600, metadata=_range(0, 604_800, lo_open=True))  # a week
     eval_examples: int = field(default=600, metadata=_range(0, 10_000_000))
     seed: int = field(default=42, metadata=_range(0, 2**31 - 1))

@@ -5,6 +5,9 @@ PREFIX = "privet-secagg-"
 KEYS = PREFIX + "keys"
 CLIPPING_RANGE = PREFIX + "clipping-range"
 MAX_WEIGHT = PREFIX + "max-weight"
+# Every contributing site's weight in the masked sum, and the max weight the server must send: equal weights, so a
+# site's private example count buys no influence. A site declines a round whose max weight differs.
+SITE_WEIGHT = 1
 MAX_NORM = PREFIX + "max-update-norm"
 # Each delta coordinate is clipped to ±this at the site before quantization (a site's distance bound counts it).
 DEFAULT_CLIPPING_RANGE = 8.0

@@ -25,6 +25,7 @@ from server.identity import SiteIdentities, read_registry
 from server.preflight import check_run
 from server.report import print_summary, round_row
 from server.run_report import write_report
+from server.robust import MIN_ROBUST_SITES
 from server.secure import SecureAggregation
 from server.strategy import TRAIN_METRICS, Rules, Screened, eval_metrics, make_strategy, screen
 
@@ -91,8 +92,14 @@ class Federation:
         self.reference_norm: float | None = None
         self.secure = None
         if config.secure_aggregation:
-            self.secure = SecureAggregation(timeout=config.round_timeout, max_weight=config.max_site_weight,
-                                            min_sites=max(3, config.min_sites), identities=self.identities)
+            self.secure = SecureAggregation(timeout=config.round_timeout, min_sites=max(3, config.min_sites),
+                                            identities=self.identities)
+            log.info("secure aggregation: the server sees no single update, so no robust step runs; each site "
+                     "weighs 1 and clips its delta to ±%g", self.secure.clipping_range)
+        if config.min_sites < MIN_ROBUST_SITES:
+            log.warning("min-sites=%d: a round may aggregate fewer than %d sites, and with two nobody can tell a "
+                        "rogue site from an honest one (robustness needs an honest majority of at least %d)",
+                        config.min_sites, MIN_ROBUST_SITES, MIN_ROBUST_SITES)
         self.message_config = {"run-name": run.name, "runs-dir": str(run.path.parent),
                                "frozen-a": adapters.frozen_fingerprint(self.model)}
 
@@ -104,8 +111,13 @@ class Federation:
         messages = self.strategy.configure_train(server_round, self.arrays, ConfigRecord(self.message_config),
                                                  self.grid)
         trained, to_aggregate, failure = self._train(server_round, messages)
+        rule = "none: the global adapter is unchanged"
         if to_aggregate and len(trained.accepted) >= config.min_sites:
-            self.arrays, _ = self.strategy.aggregate_train(server_round, to_aggregate)
+            if self.secure is not None:
+                self.arrays, _ = self.strategy.aggregate_secure(server_round, to_aggregate[0], len(trained.accepted))
+            else:
+                self.arrays, _ = self.strategy.aggregate_train(server_round, to_aggregate)
+            rule = self.strategy.last_rule
             adapters.load_state(self.model, adapters.from_record(self.arrays, self.spec))
         else:
             log.warning("round %d: %s (%d usable, min-sites=%d); the global adapter is unchanged",
@@ -119,6 +131,7 @@ class Federation:
         evaluated.rejected.update(silent)
         central = self._central_scores() if self.test_set is not None else None
         row = round_row(self.task, server_round, trained, evaluated, central, time.time() - started)
+        row["aggregation"] = rule
         central_privacy = self.strategy.central_privacy()
         if central_privacy is not None:
             write_json_atomic(self.central_file, central_privacy.pop("state"))

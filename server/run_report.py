@@ -25,6 +25,7 @@ from common.privacy import NOISE_RNG_NOTE
 from common.release_facts import phase_text, phases, release_sentences, releases, trained_rounds
 from common.task import TASKS
 from server.checkpoint import read_rows
+from server.robust import MIN_ROBUST_SITES
 
 PLOT_FILES = {"global": "report-global.png", "sites": "report-sites.png", "epsilon": "report-epsilon.png",
               "utility": "report-utility.png"}
@@ -116,6 +117,11 @@ def _overview(run: dict, sites: list[str], last: dict | None, eps: dict[str, dic
     text = (f"{task.name}: {progress}; {len(took_part)} of {len(sites)} site(s) trained, aggregation "
             f"{config.get('aggregation', '?')}. After round {last['round']}: {scores} "
             f"({SOURCES.get(last['global_source'], last['global_source'])}).")
+    few = [row["round"] for row in run["rows"] if 0 < row.get("aggregated_sites", 0) < MIN_ROBUST_SITES]
+    if few:
+        text += (f" Fewer than {MIN_ROBUST_SITES} sites contributed in round(s) {', '.join(map(str, few))}: with two, "
+                 f"nobody can tell a rogue site from an honest one; robustness needs an honest majority of at least "
+                 f"{MIN_ROBUST_SITES}.")
     spent = [e["epsilon"] for e in eps.values() if e["epsilon"] is not None]
     if not config.get("dp", True):
         text += " Trained WITHOUT differential privacy (dp=false)."
@@ -131,8 +137,8 @@ def _global(rows: list[dict], task) -> list[tuple]:
     png = _plot("Global scores per round", "score", [row["round"] for row in rows], series, ylim=(0, 1))
     table = [[row["round"], *(_num(row.get(key)) for key in task.score_keys),
               SOURCES.get(row["global_source"], row["global_source"]), row.get("aggregated_sites", "–"),
-              _num(row.get("seconds"), 1)] for row in rows]
-    head = ["round", *(LABELS[key] for key in task.score_keys), "scored on", "sites aggregated", "seconds"]
+              row.get("aggregation", "–"), _num(row.get("seconds"), 1)] for row in rows]
+    head = ["round", *(LABELS[key] for key in task.score_keys), "scored on", "sites aggregated", "how", "seconds"]
     return [("img", "global", png, "Global scores per round"), ("table", head, table)]
 
 

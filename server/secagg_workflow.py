@@ -12,6 +12,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 
 from common import secure_wire as wire
 from server.strategy import safe_text
@@ -55,13 +56,32 @@ class OneRound(LegacyFedAvg):
 
 
 class PatchedSecAggPlus(SecAggPlusWorkflow):
-    """Flower's workflow, made to survive a site that drops before it has shared its keys.
+    """Flower's workflow, made to survive a site that drops before it has shared its keys, and to show the
+    summed weight it divides by.
 
     flwr 1.42 keeps such a site among the sampled ones, so in the unmask stage it asks the others
     for shares of its key, which they never received: every site fails and the round is lost.
     A site that dropped in setup or share-keys added no mask to anyone's vector, so it is simply
     left out; sites that drop later are handled by the protocol as designed.
     """
+
+    total_weight: int | None = None  # the unmasked sum of the sites' quantized weights, set by unmask_stage
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        # Flower divides by the summed weight inside this stage and keeps it to itself; the server must check it
+        # (a rogue site chooses the weight in its own masked vector), so record it on its way through.
+        extract = secaggplus_workflow.factor_extract
+
+        def recording(parameters):
+            total, rest = extract(parameters)
+            self.total_weight = int(total)
+            return total, rest
+
+        secaggplus_workflow.factor_extract = recording
+        try:
+            return super().unmask_stage(grid, context, state)
+        finally:
+            secaggplus_workflow.factor_extract = extract
 
     def share_keys_stage(self, grid, context, state) -> bool:
         ok = super().share_keys_stage(grid, context, state)

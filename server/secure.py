@@ -18,13 +18,18 @@ one reply with the total example count, so FedAvg/FedProx return it as is and Fe
 server-optimizer step on the mean delta.
 
 How SecAgg+ computes the mean (flwr 1.42): each site ``i`` scales its clipped delta ``x_i`` by
-``d_i = round(n_i/W·Q)/Q`` (``n_i`` its example count, ``W`` the max weight), maps it to integers
+``d_i = round(n_i/W·Q)/Q`` (``n_i`` its weight, ``W`` the max weight; in Privet both are
+``SITE_WEIGHT`` = 1, so ``d_i`` = 1: equal weights), maps it to integers
 in ``[0, Q]`` by stochastic rounding, prepends ``round(n_i/W·Q)`` and adds random masks modulo
 ``2^32``: its own mask plus pairwise masks that cancel in the sum. The server sums the masked
 vectors, asks the surviving sites for Shamir shares to remove the masks of survivors (their own
 masks) and of sites that dropped after sharing keys (their pairwise masks), and divides the
 dequantized sum by ``Σ d_i``. Result: ``Σ d_i x_i / Σ d_i + e`` with
 ``|e| ≤ (2c/Q)·m / Σ d_i`` per coordinate (``m`` summed sites, ``c`` the clipping range).
+
+A rogue site runs its own code, so the weight it puts in its masked vector is its choice: the server
+records the unmasked ``Σ round(n_i/W·Q)`` and refuses the aggregate unless it is exactly ``Q`` per
+site that trained, so no site can weigh more than another.
 """
 
 from __future__ import annotations
@@ -88,18 +93,18 @@ class SecureRound:
     server_round: int
     arrays: ArrayRecord | None = None  # the new global adapter (float32); None when nothing was aggregated
     mean_delta: dict[str, np.ndarray] | None = None  # the weighted mean of the clipped deltas (float64)
-    examples: int = 0  # total FedAvg weight in the sum
+    examples: int = 0  # the sites' plain-text weights: one per site that trained
     trained: dict[int, dict] = field(default_factory=dict)  # node -> plain-text metrics; its update is in the sum
     declined: dict[int, str] = field(default_factory=dict)  # node -> reason; took part with weight 0
     dropped: dict[int, str] = field(default_factory=dict)  # node -> protocol stage and reason
     site_ids: dict[int, str] = field(default_factory=dict)
     failure: str | None = None  # why the round produced no aggregate
-    protocol: dict = field(default_factory=dict)  # sites, threshold, clipping range, quantization, max weight
+    protocol: dict = field(default_factory=dict)  # sites, threshold, clipping range, quantization, weights
     seconds: float = 0.0
     _replies: dict[int, Message] = field(default_factory=dict, repr=False)
 
     def reply(self) -> Message:
-        """The aggregate as one train reply: the new adapter weighted by the total example count.
+        """The aggregate as one train reply: the new adapter, weighted by the number of sites in it.
 
         Hand it to the message-API strategy's ``aggregate_train``: FedAvg and FedProx return the
         adapter unchanged; FedAdam (after its own ``configure_train``) steps on the mean delta.
@@ -143,8 +148,6 @@ class SecureRound:
 class SecureAggregation:
     """Runs SecAgg+ training rounds with settings fixed by the server's config, never learnt from a site's claim.
 
-    max_weight: the largest FedAvg weight (example count) a site may carry (``max-site-weight``); a
-        site with more is weighed as this.
     clipping_range: each delta coordinate is clipped to ±this at the site before quantization.
         Adam moves a coordinate by about the learning rate per step, so the default 8.0 is far
         above any sane round (lr 0.02 would need ~400 steps); a site logs what it clipped, but
@@ -163,7 +166,6 @@ class SecureAggregation:
     def __init__(
         self,
         *,
-        max_weight: int,
         clipping_range: float = DEFAULT_CLIPPING_RANGE,
         reconstruction_threshold: int | None = None,
         quantization_range: int | None = None,
@@ -175,12 +177,9 @@ class SecureAggregation:
     ):
         if not clipping_range > 0:
             raise SecureAggregationError(f"clipping range {clipping_range} must be positive")
-        if max_weight < 1:
-            raise SecureAggregationError(f"max weight {max_weight} must be at least 1")
         if min_sites < 2:
             raise SecureAggregationError("secure aggregation needs at least 2 sites")
         self.clipping_range = float(clipping_range)
-        self.max_weight = int(max_weight)
         self.reconstruction_threshold = reconstruction_threshold
         self.quantization_range = quantization_range
         self.modulus_range = int(modulus_range)
@@ -218,7 +217,7 @@ class SecureAggregation:
             raise SecureAggregationError(
                 f"{m} sites × quantization range {q_range} could wrap around the modulus {self.modulus_range}"
             )
-        max_weight = self.max_weight
+        max_weight = wire.SITE_WEIGHT
         outcome.protocol = {
             "sites": m, "threshold": threshold, "tolerated_dropouts": m - threshold,
             "clipping_range": self.clipping_range, "quantization_range": q_range,
@@ -263,8 +262,8 @@ class SecureAggregation:
             modulus_range=self.modulus_range,
             timeout=self.timeout,
         )
-        log.info("round %d: secure aggregation over %d sites (threshold %d, clip ±%g, Q=2^%d, max weight %d)",
-                 server_round, m, threshold, self.clipping_range, q_range.bit_length() - 1, max_weight)
+        log.info("round %d: secure aggregation over %d sites (threshold %d, clip ±%g, Q=2^%d, equal weights)",
+                 server_round, m, threshold, self.clipping_range, q_range.bit_length() - 1)
         with np.errstate(divide="ignore", invalid="ignore"):  # all sites declining divides 0 by 0; caught below
             workflow(watched, context)
 
@@ -286,12 +285,21 @@ class SecureAggregation:
                 outcome.failure += f": fewer than {threshold} sites left ({len(outcome.dropped)} dropped)"
         elif outcome.examples == 0:
             outcome.failure = "no site contributed an update (all declined)"
+        elif workflow.total_weight != q_range * len(outcome.trained):
+            outcome.failure = (f"the masked weights sum to {workflow.total_weight / q_range:g} sites' worth, but "
+                               f"{len(outcome.trained)} site(s) trained: a site sent a weight other than "
+                               f"{wire.SITE_WEIGHT}; the round's aggregate is refused")
         else:
             delta = parameters_to_ndarrays(strategy.parameters)
             if len(delta) != len(keys) or any(d.shape != shapes[k] for k, d in zip(keys, delta)):
                 outcome.failure = "the unmasked aggregate does not match the adapter's shapes"
             elif not all(np.all(np.isfinite(d)) for d in delta):
                 outcome.failure = "the unmasked aggregate holds non-finite values"
+            elif max(float(np.abs(d).max(initial=0.0)) for d in delta) > self.clipping_range + error_bound(
+                    [wire.SITE_WEIGHT] * len(outcome.trained), self.clipping_range, q_range, wire.SITE_WEIGHT):
+                # A mean of deltas clipped to ±c lies within ±c: only a site that skipped the clip leaves it.
+                outcome.failure = (f"the unmasked mean leaves the clipping range ±{self.clipping_range:g}: a site "
+                                   "sent values outside it; the round's aggregate is refused")
             else:
                 outcome.mean_delta = dict(zip(keys, delta))
                 outcome.arrays = ArrayRecord(

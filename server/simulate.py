@@ -31,6 +31,7 @@ from flwr.supercore.telemetry import EventType
 from client.site import SIMULATION_ENV
 from common.config import ConfigError, RunConfig, parse_overrides
 from server.preflight import check_run
+from server.robust import MIN_ROBUST_SITES
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -60,8 +61,14 @@ def simulate(
     if num_sites < 1:
         raise SimulateError(f"--sites {num_sites} must be at least 1")
     app_dir = Path(app_dir).resolve()
-    RunConfig.from_mapping(dict(overrides or {}))  # name a bad key or value before Ray starts
-    run_config = get_fused_config_from_dir(app_dir, dict(overrides or {}))
+    overrides = dict(overrides or {})
+    RunConfig.from_mapping(overrides)  # name a bad key or value before Ray starts
+    if "min-sites" not in overrides and num_sites < RunConfig().min_sites:
+        # Printed, not only logged: the run goes on below the default on the user's behalf (stderr is for errors).
+        print(f"privet simulate: min-sites lowered to {num_sites} for {num_sites} site(s); robustness against a "
+              f"rogue site needs an honest majority of at least {MIN_ROBUST_SITES} sites", flush=True)
+        overrides["min-sites"] = num_sites
+    run_config = get_fused_config_from_dir(app_dir, overrides)
     config = RunConfig.from_mapping(run_config)
     if config.min_sites > num_sites:
         raise ConfigError(f"min-sites={config.min_sites} is more than the {num_sites} simulated sites")
@@ -69,7 +76,7 @@ def simulate(
     components = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]
     run = replace(
         Run.create_empty(run_id=1),
-        override_config=dict(overrides or {}),
+        override_config=overrides,
         federation_id=NOOP_FEDERATION_ID,
         primary_task_id=1,
     )

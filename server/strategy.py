@@ -28,6 +28,7 @@ from common import adapters
 from common.bounds import FEDADAM_BETAS
 from common.config import RunConfig
 from server.identity import SiteIdentities
+from server.robust import MIN_ROBUST_SITES, centered_clip
 
 log = logging.getLogger("flwr.privet.server")
 
@@ -35,6 +36,8 @@ TRAIN_METRICS = ("num-examples", "steps", "server-round")
 # An update more than this many times the round's median update norm is set aside (robust to a minority of rogues).
 RELATIVE_NORM_BOUND = 4.0
 MAX_TEXT = 300
+# The aggregations that average the updates, and so take robust-aggregation's centered clipping in place of the mean.
+MEAN_BASED = ("fedavg", "ffa-lora", "fedprox", "fedadam")
 
 
 def eval_metrics(task) -> tuple[str, ...]:
@@ -45,6 +48,9 @@ def eval_metrics(task) -> tuple[str, ...]:
 def make_strategy(config: RunConfig, central_state: dict | None = None) -> Aggregator:
     """The aggregator the run asks for, built on Flower's own strategies; FFA-LoRA is FedAvg over B, which is exact.
 
+    Every site weighs the same: its example count is a private claim the server cannot check, so it must buy no
+    influence. With `robust-aggregation` the mean-based aggregations (FedAvg, FFA-LoRA, FedProx, FedAdam) take
+    the centered-clipping aggregate of a round's updates (server/robust.py) in place of their plain mean.
     With central DP, `central_state` is the saved accountant state of an earlier part of this run.
     """
     n = config.min_sites
@@ -64,7 +70,8 @@ def make_strategy(config: RunConfig, central_state: dict | None = None) -> Aggre
         "median": lambda: FedMedian(**nodes),
         "krum": lambda: Krum(**nodes, num_malicious_nodes=config.krum_byzantine),
     }
-    return Aggregator(builders[config.aggregation]())
+    robust = config.robust_aggregation and config.aggregation in MEAN_BASED
+    return Aggregator(builders[config.aggregation](), robust=robust)
 
 
 def _central_dp(config: RunConfig, state: dict | None) -> Aggregator:
@@ -87,7 +94,8 @@ def _central_dp(config: RunConfig, state: dict | None) -> Aggregator:
     wrapped = DifferentialPrivacyServerSideFixedClipping(
         fedavg, config.central_noise_multiplier, config.central_clipping_norm, n, accountant=accountant
     )
-    return Aggregator(wrapped, uniform_weights=True)
+    # Not robust: the wrapper's sensitivity analysis assumes the plain mean of the clipped updates.
+    return Aggregator(wrapped)
 
 
 class Aggregator(Strategy):
@@ -96,11 +104,17 @@ class Aggregator(Strategy):
     Copies, because FedMedian and FedTrimmedAvg pop the arrays out of the replies they read and
     every Flower strategy aborts the round when sites' metric keys differ; fp32, because FedAdam
     returns float64, which the wire format (and every site) refuses.
+
+    With `robust`, a round with at least three updates is reduced to their centered-clipping aggregate, handed
+    to the inner strategy as one reply (FedAvg and FedProx return it as is, FedAdam steps on it); `last_rule`
+    says what the latest round used, for the log and the report.
     """
 
-    def __init__(self, inner: Strategy, uniform_weights: bool = False):
+    def __init__(self, inner: Strategy, robust: bool = False):
         self.inner = inner
-        self.uniform_weights = uniform_weights
+        self.robust = robust
+        self.last_rule = ""
+        self.round_start: ArrayRecord | None = None  # the global adapter the round's sites trained from
 
     def central_privacy(self) -> dict | None:
         """Site-level ε and δ spent so far under central DP, and the accountant state to save; None without it."""
@@ -128,10 +142,33 @@ class Aggregator(Strategy):
         self.inner.v_t = {key[2:]: value for key, value in state.items() if key.startswith("v/")}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.round_start = arrays
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        copies = [_aggregation_copy(msg, self.uniform_weights) for msg in replies]
+        copies = [_aggregation_copy(msg) for msg in replies]
+        updates = [msg for msg in copies if not msg.has_error()]
+        self.last_rule = self._rule(len(updates))
+        if self.robust and len(updates) >= MIN_ROBUST_SITES:
+            if self.round_start is None:
+                raise RuntimeError("robust aggregation needs the round's global adapter: call configure_train first")
+            copies, opposed = _robust_reply(updates, self.round_start)
+            if opposed:
+                self.last_rule += f" ({opposed} pointing away from most others left out)"
+        if len(updates) < MIN_ROBUST_SITES:
+            log.warning("round %d: %s", server_round, self.last_rule)
+        return self._aggregate(server_round, copies)
+
+    def aggregate_secure(self, server_round: int, aggregate: Message, sites: int):
+        """Take a secure round's unmasked mean (one reply, `sites` updates summed in it) as the round's aggregate."""
+        self.last_rule = (f"secure aggregation: the mean of {sites} masked update(s), each of weight 1; no robust "
+                          "step (the server sees no single update)")
+        if sites < MIN_ROBUST_SITES:
+            log.warning("round %d: only %d site(s) contributed: telling a rogue site from an honest one needs an "
+                        "honest majority of at least %d", server_round, sites, MIN_ROBUST_SITES)
+        return self._aggregate(server_round, [aggregate])
+
+    def _aggregate(self, server_round: int, copies: list[Message]):
         if isinstance(self.inner, FedTrimmedAvg) and int(self.inner.beta * len(copies)) == 0:
             log.warning(
                 "trimmed-mean: trim-fraction %s of %d site(s) trims none; this round is a plain unweighted mean",
@@ -141,6 +178,15 @@ class Aggregator(Strategy):
         if arrays is not None:
             arrays = ArrayRecord({k: Array(v.numpy().astype(adapters.WIRE_DTYPE)) for k, v in arrays.items()})
         return arrays, metrics
+
+    def _rule(self, sites: int) -> str:
+        name = type(self.inner).__name__
+        if sites < MIN_ROBUST_SITES:
+            return (f"{name} over {sites} update(s), not robust: telling a rogue site from an honest one needs an "
+                    f"honest majority of at least {MIN_ROBUST_SITES} sites")
+        if self.robust:
+            return f"centered clipping around the median of {sites} updates, then {name}"
+        return f"{name} over {sites} equally weighted updates"
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
@@ -152,17 +198,28 @@ class Aggregator(Strategy):
         self.inner.summary()
 
 
-def _aggregation_copy(msg: Message, uniform_weights: bool = False) -> Message:
-    """A screened training reply reduced to its adapter and its weight, sharing the tensors.
+def _aggregation_copy(msg: Message) -> Message:
+    """A screened training reply reduced to its adapter and the weight 1, sharing the tensors.
 
-    With `uniform_weights` every site counts once (central DP's sensitivity assumes it).
+    Weight 1 whatever the site claims: its `num-examples` is private (a DP or policy-declared count) and
+    unverifiable, so weighing by it would sell influence to whoever claims most.
     """
     if msg.has_error():
         return msg
     # Only the weight: Flower's strategies average every metric and stop at keys that differ between replies.
-    metrics = {"num-examples": 1 if uniform_weights else msg.content["metrics"]["num-examples"]}
-    content = RecordDict({"arrays": ArrayRecord(dict(msg.content["arrays"].items())), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": ArrayRecord(dict(msg.content["arrays"].items())),
+                          "metrics": MetricRecord({"num-examples": 1})})
     return make_message(msg.metadata, content)
+
+
+def _robust_reply(updates: list[Message], start: ArrayRecord) -> tuple[list[Message], int]:
+    """The updates' centered-clipping aggregate as the one reply (weight 1) to aggregate, and how many opposed it."""
+    aggregate = centered_clip([{key: value.numpy() for key, value in msg.content["arrays"].items()}
+                               for msg in updates], {key: value.numpy() for key, value in start.items()})
+    arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in aggregate.arrays.items()})
+    reply = make_message(updates[0].metadata, RecordDict({"arrays": arrays,
+                                                          "metrics": MetricRecord({"num-examples": 1})}))
+    return [reply], aggregate.opposed
 
 
 @dataclass

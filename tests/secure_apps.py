@@ -14,6 +14,7 @@ the same global adapter, then one secure round with the real model, and leaves e
 
 from __future__ import annotations
 
+import importlib
 import time
 import zlib
 from pathlib import Path
@@ -38,11 +39,16 @@ SCENARIOS = [
     ("decline", {}, {0}),
     ("two-drop", {2: "collect_masked_vectors", 3: "collect_masked_vectors"}, set()),
     ("all-decline", {}, {0, 1, 2, 3}),
+    ("inflated-weight", {}, set()),
+    ("unclipped", {}, set()),
 ]
+# Rounds in which one rogue site runs SecAgg+ with a max weight of its own, a quarter of the server's: its masked
+# vector then carries weight 4 where every other site's carries 1.
+ROGUE_WEIGHT = {"inflated-weight": (2, 0.25)}
+# Rounds in which one rogue site's own code skips SecAgg+'s clip: it adds 2Q to every quantized coordinate, which is
+# 2 × (2 × clipping range) beyond anything a clipped delta can be.
+UNCLIPPED = {"unclipped": 1}
 RESULTS: dict = {}
-
-
-MAX_WEIGHT = 50  # the server's fixed max-site-weight for the numpy scenarios (sites hold 10-40 examples)
 
 
 def examples(partition: int) -> int:
@@ -55,13 +61,35 @@ def fake_delta(partition: int, server_round: int, key: str) -> np.ndarray:
 
 
 def _drop_mod(msg: Message, context: Context, call_next) -> Message:
-    """Raise at the SecAgg+ stage `SCENARIOS` names for this site and round."""
+    """Raise at the SecAgg+ stage `SCENARIOS` names for this site and round; inflate a rogue's weight."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
-        stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
-        _, drops, _ = SCENARIOS[int(msg.metadata.group_id) - 1]
-        if drops.get(int(context.node_config["partition-id"])) == stage:
+        cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
+        stage = cfg[Key.STAGE]
+        name, drops, _ = SCENARIOS[int(msg.metadata.group_id) - 1]
+        partition = int(context.node_config["partition-id"])
+        if drops.get(partition) == stage:
             raise RuntimeError(f"simulated site failure at stage {stage}")
+        rogue, max_weight = ROGUE_WEIGHT.get(name, (None, None))
+        if partition == rogue and stage == "setup":
+            cfg[Key.MAX_WEIGHT] = max_weight
+        if UNCLIPPED.get(name) == partition and stage == "collect_masked_vectors":
+            return _unclipped(msg, context, call_next)
     return call_next(msg, context)
+
+
+def _unclipped(msg: Message, context: Context, call_next) -> Message:
+    # The module, not the function of the same name its package exports.
+    flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    quantize = flower_mod.quantize
+
+    def beyond(parameters, clipping_range, target_range):
+        return [q + 2 * target_range for q in quantize(parameters, clipping_range, target_range)]
+
+    flower_mod.quantize = beyond
+    try:
+        return call_next(msg, context)
+    finally:
+        flower_mod.quantize = quantize
 
 
 def _spy_mod(msg: Message, context: Context, call_next) -> Message:
@@ -121,7 +149,7 @@ def numpy_rounds(grid: Grid) -> None:
     rng = np.random.default_rng(0)
     arrays = ArrayRecord({k: Array(rng.normal(0, 0.5, s).astype(np.float32)) for k, s in SHAPES.items()})
     strategy = FedAvg(fraction_train=1.0, min_train_nodes=4, min_available_nodes=4)
-    secure = SecureAggregation(timeout=120, max_weight=MAX_WEIGHT)
+    secure = SecureAggregation(timeout=120)
     adam = FedAdam(fraction_train=1.0, min_train_nodes=4, min_available_nodes=4, eta=0.1)
     rounds = []
     for server_round, (name, _, _) in enumerate(SCENARIOS, 1):
@@ -135,14 +163,12 @@ def numpy_rounds(grid: Grid) -> None:
             for msg in plain
             if not msg.has_error() and "decline" not in msg.content
         }
-        max_weight = secure.max_weight
         outcome = secure.exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
         record = {
             "name": name,
             "global": {k: arrays[k].numpy().copy() for k in SHAPES},
             "updates": updates,
             "outcome": outcome,
-            "max_weight": max_weight,
             "screened": outcome.screened(),
             "plain_seconds": plain_seconds,
         }
@@ -174,7 +200,7 @@ def privet_round(grid: Grid, context: Context) -> None:
                       "frozen-a": adapters.frozen_fingerprint(model), "test-spy-dir": str(spy),
                       "test-path": "privet"}
     strategy = FedAvg(fraction_train=1.0, min_train_nodes=4, min_available_nodes=4)
-    secure = SecureAggregation(timeout=300, max_weight=config.max_site_weight)
+    secure = SecureAggregation(timeout=300)
     rounds = []
     for server_round in range(1, config.num_server_rounds + 1):
         before = {k: arrays[k].numpy().copy() for k in arrays}

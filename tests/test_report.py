@@ -141,6 +141,13 @@ def test_tables_show_each_site_the_decline_and_the_final_report(report):
     assert "ffa-lora" in page.cells  # configuration table
 
 
+def test_a_round_with_fewer_than_three_sites_is_said_to_be_without_robustness(report):
+    _, html_path, md_path = report
+    for text in (html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")):
+        assert "Fewer than 3 sites contributed in round(s) 2" in text
+        assert "robustness needs an honest majority of at least 3" in text
+
+
 def test_transparency_states_what_left_and_what_is_not_covered(report):
     _, html_path, md_path = report
     for text in (html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")):

@@ -1,9 +1,9 @@
 """Secure aggregation (Flower SecAgg+) through real simulated federations, plus the site-side pieces alone.
 
+Every site weighs 1 (equal weights; sites claim 10-40 examples here, which must change nothing).
 The bound every comparison asserts is ``server.secure.error_bound``: 3·c·m/Σq_i per coordinate,
-with c the clipping range, m the summed sites and q_i = round(n_i/W·Q) their quantized weights
-(stochastic rounding moves each site's value by < one step 2c/Q, and the mean divides by
-Σq_i/Q; rounding the weights moves a weighted mean of values in [−c, c] by ≤ c·m/Σq_i more).
+with c the clipping range, m the summed sites and q_i = Q their quantized weights (stochastic
+rounding moves each site's value by < one step 2c/Q, and the mean divides by Σq_i/Q).
 """
 
 import json
@@ -62,11 +62,10 @@ def _simulate(server_app, client_app, num_sites, overrides=None):
 
 
 def _expected_mean_delta(record, sites):
-    """Exact FedAvg (float64) of the named sites' updates as deltas from the round's global adapter."""
-    updates = [record["updates"][s] for s in sites]
-    total = sum(n for _, n in updates)
+    """The exact equally weighted mean (float64) of the named sites' updates as deltas from the round's global."""
+    updates = [record["updates"][s][0] for s in sites]
     return {
-        key: sum(n * (u[key].astype(np.float64) - g.astype(np.float64)) for u, n in updates) / total
+        key: sum(u[key].astype(np.float64) - g.astype(np.float64) for u in updates) / len(updates)
         for key, g in record["global"].items()
     }
 
@@ -76,7 +75,8 @@ def _check_against_fedavg(record, sites):
     assert outcome.failure is None
     assert sorted(outcome.site_ids[n] for n in outcome.trained) == sorted(sites)
     p = outcome.protocol
-    bound = error_bound([record["updates"][s][1] for s in sites], p["clipping_range"], p["quantization_range"],
+    assert p["max_weight"] == wire.SITE_WEIGHT == 1  # fixed, never learnt from what sites claim
+    bound = error_bound([wire.SITE_WEIGHT] * len(sites), p["clipping_range"], p["quantization_range"],
                         p["max_weight"])
     expected = _expected_mean_delta(record, sites)
     worst = 0.0
@@ -127,7 +127,7 @@ def test_secure_mean_equals_fedavg_within_quantization_error(numpy_run):
     rounds, seconds = numpy_run
     record = rounds["all"]
     worst, bound = _check_against_fedavg(record, ALL)
-    print(f"\nall 4 sites: max |secure - FedAvg| {worst:.2e} (bound {bound:.2e}, max weight {record['max_weight']}); "
+    print(f"\nall 4 sites: max |secure - mean| {worst:.2e} (bound {bound:.2e}); "
           f"secure round {record['outcome'].seconds:.2f}s, "
           f"plain round {rounds['drop-while-training']['plain_seconds']:.2f}s "
           f"(first plain round {record['plain_seconds']:.2f}s starts the actors); whole federation {seconds:.1f}s")
@@ -140,8 +140,6 @@ def test_round_completes_when_a_site_drops_while_training(numpy_run):
     _check_against_fedavg(record, ["site-0", "site-1", "site-2"])
     (reason,) = record["outcome"].dropped.values()
     assert reason.startswith("stage collect_masked_vectors") and "simulated site failure" in reason
-    # The max weight is the server's config, never learnt from what sites claim.
-    assert record["max_weight"] == secure_apps.MAX_WEIGHT
 
 
 def test_round_completes_when_a_site_drops_at_unmask(numpy_run):
@@ -188,6 +186,22 @@ def test_round_where_every_site_declines_changes_nothing(numpy_run):
     assert len(outcome.declined) == 4 and not outcome.dropped and not outcome.trained
 
 
+def test_a_site_that_inflates_its_masked_weight_gets_the_round_refused(numpy_run):
+    """A rogue site's own SecAgg+ code can put any weight in its masked vector; the unmasked sum gives it away."""
+    rounds, _ = numpy_run
+    outcome = rounds["inflated-weight"]["outcome"]
+    assert outcome.arrays is None and len(outcome.trained) == 4
+    assert outcome.failure.startswith("the masked weights sum to 7 sites' worth, but 4 site(s) trained")
+
+
+def test_a_site_that_skips_the_clip_gets_the_round_refused(numpy_run):
+    """A mean of deltas clipped to ±c lies within ±c: a rogue site's own code that skips the clip gives itself away."""
+    rounds, _ = numpy_run
+    outcome = rounds["unclipped"]["outcome"]
+    assert outcome.arrays is None and len(outcome.trained) == 4
+    assert outcome.failure.startswith("the unmasked mean leaves the clipping range ±8: a site sent values outside it")
+
+
 def test_aggregate_feeds_message_api_strategies(numpy_run):
     rounds, _ = numpy_run
     record = rounds["all"]
@@ -223,21 +237,28 @@ def _reply(new: dict, examples: int) -> RecordDict:
                        "metrics": MetricRecord({"num-examples": examples, "loss": 0.5})})
 
 
-def test_site_clips_coordinates_bounds_norm_and_caps_weight():
+def test_site_clips_coordinates_bounds_norm_and_weighs_one_whatever_its_count():
     old = [np.zeros(4, dtype=np.float32)]
     delta, weight, notes = site_side.contribution(
-        _reply({"w": np.array([0.5, -3.0, 9.0, 0.0], dtype=np.float32)}, 250), ["w"], old, 2.0, 100.0
+        _reply({"w": np.array([0.5, -3.0, 9.0, 0.0], dtype=np.float32)}, 250), ["w"], old, 2.0, 1.0
     )
     assert delta[0].dtype == np.float64 and np.array_equal(delta[0], [0.5, -2.0, 2.0, 0.0])
-    assert notes[wire.CLIPPED] == 2 and weight == 100  # 250 examples weighed as the max weight
+    assert notes[wire.CLIPPED] == 2 and weight == 1  # 250 examples weigh what 5 do
     delta, _, notes = site_side.contribution(
-        _reply({"w": np.array([3.0, 4.0, 0, 0], dtype=np.float32)}, 5), ["w"], old, 8.0, 100.0, max_norm=1.0
+        _reply({"w": np.array([3.0, 4.0, 0, 0], dtype=np.float32)}, 5), ["w"], old, 8.0, 1.0, max_norm=1.0
     )
     assert np.allclose(delta[0], [0.6, 0.8, 0, 0]) and notes[wire.NORM_SCALE] == pytest.approx(0.2)
     with pytest.raises(site_side.SecureUpdateError, match="NaN"):
-        site_side.contribution(_reply({"w": np.array([np.nan, 0, 0, 0], np.float32)}, 5), ["w"], old, 8.0, 100.0)
+        site_side.contribution(_reply({"w": np.array([np.nan, 0, 0, 0], np.float32)}, 5), ["w"], old, 8.0, 1.0)
     with pytest.raises(site_side.SecureUpdateError, match="keys"):
-        site_side.contribution(_reply({"v": np.zeros(4, np.float32)}, 5), ["w"], old, 8.0, 100.0)
+        site_side.contribution(_reply({"v": np.zeros(4, np.float32)}, 5), ["w"], old, 8.0, 1.0)
+
+
+def test_site_declines_a_server_that_asks_for_another_weight():
+    """A server sending max weight 1000 would scale this site's share of the sum 1000-fold down (or up)."""
+    old = [np.zeros(4, dtype=np.float32)]
+    with pytest.raises(site_side.SecureUpdateError, match="max weight 1000, but every site weighs 1"):
+        site_side.contribution(_reply({"w": np.ones(4, np.float32)}, 250), ["w"], old, 8.0, 1000.0)
 
 
 def test_mod_passes_plain_messages_through():
@@ -257,7 +278,7 @@ def test_protocol_parameters():
         assert sites * q < 2**32 and (4 * (sites + 1) * q > 2**32 or q == 2**30)
     assert quantization_range_for(1000) == 2**22  # Flower's default at a thousand sites
     with pytest.raises(ValueError):
-        SecureAggregation(clipping_range=0, max_weight=100)
+        SecureAggregation(clipping_range=0)
 
 
 @pytest.mark.parametrize("aggregation", ["fedavg", "ffa-lora", "fedprox", "fedadam"])
@@ -279,7 +300,7 @@ def test_aggregate_reply_goes_through_privets_strategies(aggregation):
         server_round=1, arrays=ArrayRecord({"w": Array(old + 0.5)}), mean_delta={"w": np.full((2, 3), 0.5)},
         examples=30, trained={7: {"num-examples": 10, "loss": 1.0, "steps": 2}},
     )
-    new, _ = strategy.aggregate_train(1, [outcome.reply()])
+    new, _ = strategy.aggregate_secure(1, outcome.reply(), 3)
     new = new["w"].numpy()
     assert new.dtype == np.float32
     if aggregation == "fedadam":
@@ -297,7 +318,7 @@ def test_too_few_sites_are_refused_before_any_message():
     content = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
                           "config": ConfigRecord({"server-round": 1})})
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in (5, 6)]
-    outcome = SecureAggregation(max_weight=100).exchange(NoGrid(), messages)
+    outcome = SecureAggregation().exchange(NoGrid(), messages)
     assert outcome.arrays is None and "at least 3 sites" in outcome.failure
 
 

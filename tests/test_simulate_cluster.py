@@ -47,6 +47,17 @@ def test_private_run_simulation_accepts_every_argument_privet_passes(monkeypatch
     assert calls[0]["server_app_context"].run_config["run-name"] == "cluster"  # the run config does travel
 
 
+def test_two_sites_lower_min_sites_and_say_that_robustness_needs_three(monkeypatch, tiny_model_dir, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(server.simulate, "_run_simulation", lambda **kwargs: calls.append(kwargs))
+    server.simulate.simulate(2, overrides(tiny_model_dir, tmp_path), cpus_per_site=1)
+    assert calls[0]["server_app_context"].run_config["min-sites"] == 2
+    out = capsys.readouterr().out
+    assert "min-sites lowered to 2" in out and "honest majority of at least 3 sites" in out
+    with pytest.raises(ValueError, match="min-sites=3 is more than the 2 simulated sites"):
+        server.simulate.simulate(2, {**overrides(tiny_model_dir, tmp_path), "min-sites": 3}, cpus_per_site=1)
+
+
 def test_without_an_address_simulate_starts_a_private_local_ray(monkeypatch, tiny_model_dir, tmp_path):
     """address="local": a cluster someone started with `ray start` on this machine is never joined by accident."""
     calls = []
