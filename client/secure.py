@@ -73,6 +73,10 @@ def _train_for_secagg(msg: Message, context: Context, train) -> Message:
     global_arrays = parameters_to_ndarrays(legacy)
     if len(global_arrays) != len(keys):
         raise SecureUpdateError(f"the server sent {len(global_arrays)} arrays but named {len(keys)}")
+    if max_weight != wire.SITE_WEIGHT:
+        # Refused before training: a round trained for an update that cannot be sent would spend ε for nothing.
+        return _fitres_reply(msg, [np.zeros_like(a, dtype=np.float64) for a in global_arrays], 0,
+                             {wire.DECLINE: _weight_refusal(max_weight)})
     request = RecordDict(
         {
             "arrays": ArrayRecord({key: Array(np.asarray(a)) for key, a in zip(keys, global_arrays)}),
@@ -116,7 +120,7 @@ def contribution(
     """The clipped float64 delta, the fixed weight, and notes for the site's own log, from a Privet train reply."""
     if max_weight != wire.SITE_WEIGHT:
         # Any other max weight would scale this site's share of the sum away from everyone else's equal one.
-        raise SecureUpdateError(f"the server set max weight {max_weight:g}, but every site weighs {wire.SITE_WEIGHT}")
+        raise SecureUpdateError(_weight_refusal(max_weight))
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         raise SecureUpdateError("the reply has no 'arrays' or no 'metrics' record")
     record = content["arrays"]
@@ -147,6 +151,10 @@ def contribution(
 def _fitres_reply(msg: Message, delta: list[np.ndarray], weight: int, metrics: dict) -> Message:
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(delta), int(weight), metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _weight_refusal(max_weight: float) -> str:
+    return f"the server set max weight {max_weight:g}, but every site weighs {wire.SITE_WEIGHT}"
 
 
 def _site_id(content: RecordDict) -> str:

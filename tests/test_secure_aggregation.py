@@ -261,6 +261,25 @@ def test_site_declines_a_server_that_asks_for_another_weight():
         site_side.contribution(_reply({"w": np.ones(4, np.float32)}, 250), ["w"], old, 8.0, 1000.0)
 
 
+def test_site_refuses_another_weight_before_it_trains():
+    """Checked on the server's request, not after training: a refused update must cost the site no ε."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    fitins = {wire.KEYS: ["w"], wire.CLIPPING_RANGE: 8.0, wire.MAX_WEIGHT: 1000.0, "server-round": 1}
+    content = RecordDict({"fitins.config": ConfigRecord(fitins),
+                          "fitins.parameters": compat.parameters_to_arrayrecord(
+                              ndarrays_to_parameters([np.zeros(4, np.float32)]), keep_input=True)})
+    msg = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    trained = []
+    reply = site_side._train_for_secagg(msg, context, lambda m, c: trained.append(m))
+    assert not trained
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
+    assert fitres.num_examples == 0 and "max weight 1000, but every site weighs 1" in fitres.metrics[wire.DECLINE]
+
+
 def test_mod_passes_plain_messages_through():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     msg = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7,
