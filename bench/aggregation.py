@@ -1,7 +1,7 @@
 """Compare aggregations on the bank data: 4 non-IID sites, ε=8, macro-F1 per round and bytes per site per round.
 
 Run: ``.venv/bin/python -m bench.aggregation [--rounds 3] [--only fedavg,ffa-lora,fedprox] [--extra "..."]``.
-Each aggregation is a full simulated federation (``python -m server.simulate``) with the same seed and data.
+Each aggregation is a full simulated federation (``python -m privet simulate``) with the same seed and data.
 """
 
 from __future__ import annotations

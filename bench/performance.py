@@ -114,11 +114,11 @@ def p3_bytes() -> dict:
 
 def simulate_subprocess(sites: int, run_config: str, runs_dir: Path, sample_memory: bool = False,
                         client_app: str | None = None, env: dict | None = None) -> dict:
-    """Run ``python -m server.simulate`` (or `client_app` in place of the ClientApp) and return its wall time, peak
+    """Run ``python -m privet simulate`` (or `client_app` in place of the ClientApp) and return its wall time, peak
     memory and metrics rows."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
     overrides = f"{run_config} runs-dir='{runs_dir}' run-name='bench'"
-    command = [sys.executable, "-m", "server.simulate", "--sites", str(sites), "--run-config", overrides]
+    command = [sys.executable, "-m", "privet", "simulate", "--sites", str(sites), "--run-config", overrides]
     if client_app:
         command = [sys.executable, "-c", "import sys; from flwr.common.config import parse_config_args; "
                    "from server.simulate import simulate; "

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import secrets
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -327,8 +326,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Audit, print the result and write audit.json (refreshing the run's report when it lands in a run directory);
-    0: no violation, 1: VIOLATION. A run that cannot be audited raises its user error (`privet audit` exits with 2)."""
+    """Audit, print the result and write audit.json; 0: no violation, 1: VIOLATION. A run that cannot be audited
+    raises its user error (`privet audit` exits with 2)."""
     config = load_config(args.run_dir, args.run_config)
     # Sizes wrong whatever the site holds fail before its data loads; those that depend on it are checked there.
     check_sizes(DEFAULT_CANARIES if args.canaries is None else args.canaries,
@@ -337,18 +336,13 @@ def run(args: argparse.Namespace) -> int:
         terms, partition = audited_terms(config, args.policy, args.site, args.sites, Path(scratch))
         result = audit_site(config, terms, partition, canaries=args.canaries, guesses=args.guesses,
                             confidence=args.confidence)
-    out = Path(args.out or args.run_dir or Path.cwd())
-    path = write_audit(result, out)
+    path = write_audit(result, output_dir(args))
     print(format_result(result))
     print(f"wrote {path}")
-    if (out / "state.json").is_file():  # a run directory: its report shows the audit from now on
-        from server.run_report import write_report
-
-        print("refreshed {} and {}".format(*write_report(out)))
     return 1 if result.verdict == VIOLATION else 0
 
 
-if __name__ == "__main__":
-    from server.cli import main
+def output_dir(args: argparse.Namespace) -> Path:
+    """Where audit.json goes: --out, else the run directory, else the current directory."""
+    return Path(args.out or args.run_dir or Path.cwd())
 
-    sys.exit(main(["audit", *sys.argv[1:]]))

@@ -23,7 +23,7 @@ from client.policy import Declined, SitePolicy
 from common import data as site_data
 from common import task as tasks
 from common.bounds import global_distance_bound
-from common.config import BUNDLED_DATASETS, POLICY_DATA, RunConfig
+from common.config import BUNDLED_DATASETS, POLICY_DATA, SIMULATION_ENV, RunConfig
 from common import adapters
 from common.model import HeadOnly, build_model, pick_device, weights_sha256
 from common.train import FeatureData, TensorData, features
@@ -31,9 +31,6 @@ from common.train import FeatureData, TensorData, features
 log = logging.getLogger("flwr.privet.site")
 
 VAL_FRACTION = 0.1
-# `privet simulate` sets this in the simulation's environment; a real SuperNode never has it unless its
-# administrator sets it. The server cannot: it controls neither a site's environment nor its node config.
-SIMULATION_ENV = "PRIVET_SIMULATED_SITES"
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 

@@ -24,6 +24,10 @@ TASKS = ("sequence-classification", "token-classification")
 BUNDLED_DATASETS = {"bank": TASKS[0], "hospital": TASKS[0], "ner-demo": TASKS[1]}
 # dataset='policy': every site trains on the data its own policy names (a deployment); the run names the labels.
 POLICY_DATA = "policy"
+# `privet simulate` sets this in the simulation's environment, so its sites run without a policy; a real SuperNode
+# never has it unless its administrator sets it. The server cannot: it controls neither a site's environment nor
+# its node config.
+SIMULATION_ENV = "PRIVET_SIMULATED_SITES"
 # A positive eval-noise-multiplier below this buys nothing (one evaluation alone would cost ε ≈ 90 at δ=1e-5) and
 # sends a site's accountant into huge allocations.
 MIN_EVAL_NOISE = 0.1

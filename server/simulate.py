@@ -28,8 +28,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
-from client.site import SIMULATION_ENV
-from common.config import ConfigError, RunConfig, parse_overrides
+from common.config import SIMULATION_ENV, ConfigError, RunConfig, parse_overrides
 from server.preflight import check_run
 from server.robust import MIN_ROBUST_SITES
 
@@ -147,7 +146,7 @@ def attach_ray(address: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``privet simulate`` (also ``python -m server.simulate``)."""
+    """The options of ``privet simulate`` (also ``python -m privet simulate``)."""
     parser.add_argument("--sites", type=int, default=4, help="number of simulated sites (default 4)")
     parser.add_argument(
         "--run-config",
@@ -172,8 +171,3 @@ def run_from_args(args: argparse.Namespace) -> None:
     simulate(args.sites, overrides, cpus_per_site=args.cpus_per_site, verbose=args.verbose,
              ray_address=args.ray_address)
 
-
-if __name__ == "__main__":
-    from server.cli import main
-
-    sys.exit(main(["simulate", *sys.argv[1:]]))

@@ -184,7 +184,7 @@ def test_the_run_config_comes_from_a_run_directory(tmp_path):
 
 
 def test_the_command_reports_bad_input_in_one_line(capsys):
-    from server.cli import main
+    from privet.cli import main
 
     assert main(["audit", "--guesses", "7"]) == 2  # 1 is the VIOLATION verdict
     err = capsys.readouterr().err

@@ -17,7 +17,7 @@ from opacus.accountants import create_accountant
 
 from common import inference
 from common.ledger import Ledger
-from server.cli import main
+from privet.cli import main
 from server.simulate import simulate
 from tests.model_fixtures import SEQUENCE_LABELS, TAGS, write_adapter, write_labelled_csv
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server import cli
+from privet import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -107,7 +107,7 @@ def test_compose_services_flags_and_env(compose):
 
 
 def test_every_site_runs_site_node_with_its_mounted_policy(compose, manifests):
-    from server import cli as privet_cli
+    from privet import cli as privet_cli
 
     argvs = [compose["services"][site]["command"] for site in SITES]
     argvs += [spec["containers"][0]["args"] for _, doc, spec in _pod_specs(manifests) if doc["kind"] == "StatefulSet"]

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 
 from common import pki
-from server import cli
+from privet import cli
 
 
 def _mode(path):
@@ -167,7 +167,7 @@ def test_cli_certs_and_site_keys(tmp_path, capsys):
 
 def test_cli_sets_flower_off_switches_before_flower_is_imported():
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-    code = "import sys, os, server.cli; print('flwr' in sys.modules, *[os.environ[n] for n in sys.argv[1:]])"
+    code = "import sys, os, privet.cli; print('flwr' in sys.modules, *[os.environ[n] for n in sys.argv[1:]])"
     names = ["FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]
     done = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=60, check=True)

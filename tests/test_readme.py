@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import main
+from privet.cli import main
 from tests.model_fixtures import TAGS, write_adapter
 
 pytestmark = pytest.mark.readme
@@ -200,9 +200,9 @@ def test_report_states_what_the_ledgers_record(workdir, capsys):
 
 
 def test_rerunning_a_used_name_says_what_to_do_in_one_line(workdir, tiny_model_dir):
-    """Through the real front door (`python -m server.cli`): stderr holds exactly one line, no traceback."""
+    """Through the real front door (`python -m privet`): stderr holds exactly one line, no traceback."""
     args = argv(command("run-name='mine'"), tiny_config(tiny_model_dir))
-    done = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-m", "privet", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = one_line_error(done.returncode, done.stderr, "simulate")
     assert "already holds run 'mine'" in line and "resume=true" in line and "delete" in line

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def launch(overrides: str, sites=2):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "server.simulate", "--sites", str(sites), "--cpus-per-site", "1", "--run-config", overrides],
+        [sys.executable, "-m", "privet", "simulate", "--sites", str(sites), "--cpus-per-site", "1", "--run-config", overrides],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 

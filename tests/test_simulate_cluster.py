@@ -95,7 +95,7 @@ def test_an_unreachable_cluster_is_a_one_line_error(monkeypatch, tiny_model_dir,
         raise ConnectionError("could not connect")
 
     monkeypatch.setattr(ray, "init", refuse)
-    from server.cli import main
+    from privet.cli import main
 
     assert main(["simulate", "--sites", "2", "--run-config", f"model='{tiny_model_dir}' runs-dir='{tmp_path}'",
                  "--ray-address", "10.255.255.1:6379"]) == 1
@@ -132,7 +132,7 @@ set -e
 ip link set lo up
 "{RAY}" start --head --port=6379 --num-cpus=2 --num-gpus=0 --include-dashboard=false --disable-usage-stats \\
     --temp-dir={ray_tmp} > "{tmp_path / 'ray-start.log'}" 2>&1
-"{sys.executable}" -m server.simulate --sites 2 --ray-address 127.0.0.1:6379 --run-config '{run_config}'
+"{sys.executable}" -m privet simulate --sites 2 --ray-address 127.0.0.1:6379 --run-config '{run_config}'
 """
     # The workers `ray start` launches must get the site mark from Privet, not from this test's environment.
     env = {key: value for key, value in os.environ.items() if key not in (SIMULATION_ENV, "RAY_ADDRESS")}

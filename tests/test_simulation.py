@@ -33,7 +33,7 @@ def write_site_data(path, n=120, seed=0):
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
-    """A 2-site, 2-round run through `python -m server.simulate`, with everything it printed kept in a log."""
+    """A 2-site, 2-round run through `python -m privet simulate`, with everything it printed kept in a log."""
     tmp = tmp_path_factory.mktemp("sim")
     data = write_site_data(tmp / "sites.csv")
     overrides = (
@@ -43,7 +43,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     )
     log = tmp / "simulation.log"
     with log.open("w") as out:
-        subprocess.run([sys.executable, "-m", "server.simulate", "--sites", "2", "--cpus-per-site", "1",
+        subprocess.run([sys.executable, "-m", "privet", "simulate", "--sites", "2", "--cpus-per-site", "1",
                         "--run-config", overrides], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=True,
                        timeout=600)
     return tmp / "runs" / "tiny", tiny_model_dir

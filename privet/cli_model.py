@@ -1,8 +1,8 @@
 """`privet predict`, `evaluate`, `ledger` and `export`: their parsers and handlers (the work is in common.inference,
-common.prediction_files, common.export and server.ledger_statement).
+common.prediction_files, common.export and privet.ledger_statement).
 
 Errors a user can fix raise one of the project's user-error types, which `privet` prints in one line with exit
-status 1 (server.cli.user_errors). Messages point at files, columns and row numbers, never at a text or a label
+status 1 (privet.cli.user_errors). Messages point at files, columns and row numbers, never at a text or a label
 from the data.
 """
 
@@ -267,7 +267,7 @@ def confusion_png(matrix: dict) -> bytes:
 # ---- ledger --------------------------------------------------------------------------------------------------
 
 def _run_ledger(args) -> None:
-    from server.ledger_statement import format_statement, ledger_statement
+    from privet.ledger_statement import format_statement, ledger_statement
 
     statement = ledger_statement(args.path, args.policy)
     print(json.dumps(statement, indent=2) if args.json else format_statement(statement))

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import common.offline  # noqa: F401  (before flwr: no telemetry, update check or code install)
-from server import cli_model
+from privet import cli_model
 
 
 class CommandError(Exception):
@@ -230,6 +230,11 @@ def _run_audit(args) -> None:
     from client import audit
 
     status = audit.run(args)
+    out = audit.output_dir(args)
+    if (out / "state.json").is_file():  # a run directory: its report shows the audit from now on
+        from server.run_report import write_report
+
+        print("refreshed {} and {}".format(*write_report(out)))
     if status != 0:
         raise SystemExit(status)
 

@@ -1,0 +1,7 @@
+"""`python -m privet …`, the same as the `privet` command."""
+
+import sys
+
+from privet.cli import main
+
+sys.exit(main())
